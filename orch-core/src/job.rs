@@ -1,0 +1,171 @@
+//! Jobs as the ledger sees them: what a client asks for ([`JobSpec`]) and the state a job is in
+//! after its events so far ([`Job`]).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::Timestamp;
+
+/// A job's identifier, unique within one site's ledger.
+pub type JobId = i64;
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting to be claimed (possibly not before its `run_after`).
+    Queued,
+    /// Leased to a worker.
+    Running,
+    /// Acknowledged by a worker; terminal.
+    Succeeded,
+    /// Failed its last attempt (or failed without retry); terminal until an operator retries it.
+    Dead,
+    /// Cancelled; terminal.
+    Cancelled,
+}
+
+impl JobState {
+    /// Every state, in life order.
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Dead,
+        JobState::Cancelled,
+    ];
+
+    /// The state's name as stored and exported.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Dead => "dead",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a state name.
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether no further work happens without an operator.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Dead | JobState::Cancelled)
+    }
+}
+
+/// What a client asks to run: the content of a `job.enqueued` event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// The job type, which is also the queue workers claim from.
+    pub queue: String,
+    /// The upstream feed the job reads, if any (rate limits and breakers key on its host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Free-form input for the worker.
+    pub payload: Value,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Not claimable before this instant.
+    pub run_after: Timestamp,
+    /// Attempts before the job is dead-lettered (at least 1).
+    pub max_attempts: u32,
+    /// The client's key; enqueueing the same key twice in one tenant returns the first job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// A worker's hold on a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The token a worker presents with every heartbeat, ack and fail.
+    pub id: String,
+    /// The worker (task runner) holding the lease.
+    pub worker: String,
+    /// When the lease lapses unless extended.
+    pub expires_at: Timestamp,
+}
+
+/// An output of a job, identified by the SHA-256 of its content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// The name the worker gave it, unique within the job.
+    pub name: String,
+    /// Its media type, e.g. `application/json`.
+    pub media_type: String,
+    /// Content length in bytes.
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the content.
+    pub sha256: String,
+}
+
+impl Artifact {
+    /// The metadata of `content`, hashed the one way orch hashes artifacts.
+    pub fn of_content(name: &str, media_type: &str, content: &[u8]) -> Artifact {
+        Artifact {
+            name: name.to_string(),
+            media_type: media_type.to_string(),
+            size: content.len() as u64,
+            sha256: crate::hash::sha256_hex(content),
+        }
+    }
+}
+
+/// The last failure of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobError {
+    /// A machine class such as `http_429`, `timeout` or `lease_expired`.
+    pub class: String,
+    /// What the worker said.
+    pub message: String,
+    /// The attempt that failed.
+    pub attempt: u32,
+}
+
+/// A job's state after its events so far. This is exactly what `jobs.jsonl` exports and what
+/// replay must reproduce.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// The job's id.
+    pub id: JobId,
+    /// The tenant that owns it.
+    pub tenant: String,
+    /// The project within the tenant.
+    pub project: String,
+    /// Ties the job's events, logs and notifications together.
+    pub correlation_id: String,
+    /// What was asked for.
+    pub spec: JobSpec,
+    /// Where the job is.
+    pub state: JobState,
+    /// Claims so far (the current one included while running).
+    pub attempt: u32,
+    /// The current lease, while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    /// The last progress report of the current or last attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Value>,
+    /// Outputs recorded by the successful attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<Artifact>,
+    /// The most recent failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<JobError>,
+    /// When the job was enqueued.
+    pub created_at: Timestamp,
+    /// When its last event happened.
+    pub updated_at: Timestamp,
+    /// When it reached a terminal state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+    /// Sequence number of its last event.
+    pub last_seq: u64,
+}
