@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod canonical;
+pub mod chain;
 pub mod clock;
 pub mod dsse;
 pub mod event;

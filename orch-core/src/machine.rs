@@ -61,6 +61,22 @@ pub enum TransitionError {
 }
 
 impl TransitionError {
+    /// The job the error is about.
+    pub fn job_id(&self) -> JobId {
+        match self {
+            TransitionError::UnknownJob(id)
+            | TransitionError::JobExists(id)
+            | TransitionError::TenantMismatch(id, _)
+            | TransitionError::LeaseMismatch(id)
+            | TransitionError::LeaseExpired(id)
+            | TransitionError::LeaseNotExpired(id)
+            | TransitionError::InvalidSpec(id, _)
+            | TransitionError::InvalidState { id, .. }
+            | TransitionError::AttemptMismatch { id, .. } => *id,
+            TransitionError::MissingJobId(..) => 0,
+        }
+    }
+
     /// Whether the error means a worker's lease is no longer valid.
     pub fn is_lease_lost(&self) -> bool {
         matches!(self, TransitionError::LeaseMismatch(_) | TransitionError::LeaseExpired(_))

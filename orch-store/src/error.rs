@@ -1,0 +1,86 @@
+//! What can go wrong in a store, with enough context to tell a user what to do.
+
+use std::path::PathBuf;
+
+use orch_core::JobId;
+
+/// A store operation's failure. Nothing is written when one is returned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The job does not exist in the caller's scope.
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    /// The artifact does not exist.
+    #[error("job {job} has no artifact named {name:?}")]
+    ArtifactNotFound {
+        /// The job.
+        job: JobId,
+        /// The artifact name asked for.
+        name: String,
+    },
+    /// The worker's lease is not (or no longer) the job's current lease.
+    #[error("lease lost on job {job}: {reason}")]
+    LeaseLost {
+        /// The job.
+        job: JobId,
+        /// Why.
+        reason: String,
+    },
+    /// The job is not in a state that allows the operation.
+    #[error("job {job}: {reason}")]
+    Conflict {
+        /// The job.
+        job: JobId,
+        /// Why.
+        reason: String,
+    },
+    /// The request is malformed.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The file is not a SQLite database.
+    #[error("{path}: not a SQLite database")]
+    NotADatabase {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is a SQLite database of another application.
+    #[error("{path}: a SQLite database, but not an orch ledger")]
+    NotALedger {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The ledger was written by a newer orchd.
+    #[error("{path}: ledger schema version {found} is newer than this orchd supports ({supported}); upgrade orchd")]
+    SchemaTooNew {
+        /// The file.
+        path: PathBuf,
+        /// Its schema version.
+        found: i64,
+        /// The newest this build knows.
+        supported: i64,
+    },
+    /// Stored data does not decode or does not follow the rules: the ledger was altered outside orchd.
+    #[error("corrupt ledger: {0}")]
+    Corrupt(String),
+    /// The database refused an operation.
+    #[error("database error: {0}")]
+    Backend(#[from] rusqlite::Error),
+}
+
+impl StoreError {
+    /// A short stable code for this kind of error, for APIs and exit codes.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::NotFound(_) | StoreError::ArtifactNotFound { .. } => "not_found",
+            StoreError::LeaseLost { .. } => "lease_lost",
+            StoreError::Conflict { .. } => "conflict",
+            StoreError::Invalid(_) => "invalid_request",
+            StoreError::NotADatabase { .. } => "not_a_database",
+            StoreError::NotALedger { .. } => "not_a_ledger",
+            StoreError::SchemaTooNew { .. } => "schema_too_new",
+            StoreError::Corrupt(_) => "corrupt_ledger",
+            StoreError::Backend(_) => "backend_error",
+        }
+    }
+}

@@ -1,0 +1,804 @@
+//! The SQLite backend: one file in WAL mode, numbered migrations, one writer connection and a
+//! small pool of readers. All SQL of the SQLite backend lives in this module.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use orch_core::hash::GENESIS_HASH;
+use orch_core::{apply, Artifact, Clock, Event, EventDraft, EventKind, Job, JobId, JobSpec, TransitionError};
+use rusqlite::{params, params_from_iter, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use tracing::instrument;
+
+use crate::types::*;
+use crate::{SnapshotReader, Store, StoreError};
+
+/// The schema version this build writes (SQLite `user_version`).
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// `PRAGMA application_id` of an orch ledger ("ORCH").
+const APPLICATION_ID: i64 = 0x4F52_4348;
+
+/// Numbered migrations; the n-th brings the schema to version n.
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+
+/// How hard SQLite works to make commits durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// Survives a crash of orchd; the last commits may be lost on power failure (WAL `NORMAL`).
+    #[default]
+    Normal,
+    /// Survives power failure too, at the cost of an fsync per commit (`FULL`).
+    Full,
+}
+
+/// A ledger in one SQLite file.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    clock: Arc<dyn Clock>,
+    opts: StoreOptions,
+    sync: Synchronous,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn open_connection(path: &Path, create: bool, sync: Synchronous) -> Result<Connection, StoreError> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let mode: String =
+        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| classify(path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Invalid(format!("{}: cannot switch to WAL mode (got {mode})", path.display())));
+    }
+    let sync = match sync {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// Turns "file is not a database" into an error that names the file.
+fn classify(path: &Path, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => StoreError::NotADatabase { path: path.to_path_buf() },
+        _ => StoreError::Backend(e),
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| classify(path, e))?;
+    let app: i64 = tx.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let tables: i64 = tx.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+    if app != APPLICATION_ID && (app != 0 || tables > 0) {
+        return Err(StoreError::NotALedger { path: path.to_path_buf() });
+    }
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew { path: path.to_path_buf(), found: version, supported: SCHEMA_VERSION });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+        tracing::info!(version = i + 1, "applied ledger migration");
+    }
+    tx.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}"))?;
+    tx.commit()?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the ledger at `path`.
+    pub fn open(
+        path: impl AsRef<Path>,
+        clock: Arc<dyn Clock>,
+        opts: StoreOptions,
+        sync: Synchronous,
+    ) -> Result<SqliteStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut writer = open_connection(&path, true, sync)?;
+        migrate(&mut writer, &path)?;
+        Ok(SqliteStore { path, writer: Mutex::new(writer), readers: Mutex::new(Vec::new()), clock, opts, sync })
+    }
+
+    /// The ledger file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The options the store runs with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
+    /// Runs `f` in one immediate (write-locked) transaction; commits only if it succeeds.
+    fn write<T>(&self, f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = self.clock.now();
+        let mut w = Writer { tx: &tx, now, next_seq: None, heads: HashMap::new(), opts: &self.opts };
+        let out = f(&mut w)?;
+        w.flush_heads()?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` on a pooled read connection.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let conn = lock(&self.readers).pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => open_connection(&self.path, false, self.sync)?,
+        };
+        let out = f(&conn);
+        let mut pool = lock(&self.readers);
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        out
+    }
+
+    /// Applies a transition to one job in scope; `make` builds the event from the current job.
+    /// `actor` defaults to the worker holding the job's lease (for worker calls).
+    fn transition(
+        &self,
+        scope: &Scope,
+        id: JobId,
+        actor: Option<&str>,
+        make: impl FnOnce(&Job, &mut Writer<'_>) -> Result<EventKind, StoreError>,
+    ) -> Result<Job, StoreError> {
+        self.write(|w| {
+            let job = w.load_job(scope, id)?;
+            let kind = make(&job, w)?;
+            let actor = actor.map_or_else(|| lease_holder(&job), str::to_string);
+            let draft = w.draft(&job, &actor, kind);
+            w.record(draft, Some(&job))?.ok_or_else(|| StoreError::Corrupt("job event changed no job".into()))
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves no half-done transaction (it rolled back on drop).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One write transaction: sequences and chains events, applies them, and writes jobs.
+struct Writer<'t> {
+    tx: &'t rusqlite::Transaction<'t>,
+    now: orch_core::Timestamp,
+    next_seq: Option<u64>,
+    heads: HashMap<String, String>,
+    opts: &'t StoreOptions,
+}
+
+impl Writer<'_> {
+    fn load_job(&self, scope: &Scope, id: JobId) -> Result<Job, StoreError> {
+        let doc: Option<(String, String)> = self
+            .tx
+            .prepare_cached("SELECT tenant, doc FROM jobs WHERE id = ?1")?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match doc {
+            Some((tenant, doc)) if scope.allows(&tenant) => decode_job(&doc),
+            _ => Err(StoreError::NotFound(id)),
+        }
+    }
+
+    fn draft(&self, job: &Job, actor: &str, kind: EventKind) -> EventDraft {
+        EventDraft {
+            at: self.now,
+            tenant: job.tenant.clone(),
+            project: job.project.clone(),
+            job_id: Some(job.id),
+            actor: actor.to_string(),
+            correlation_id: job.correlation_id.clone(),
+            kind,
+        }
+    }
+
+    fn next_seq(&mut self) -> Result<u64, StoreError> {
+        match self.next_seq {
+            Some(s) => Ok(s),
+            None => {
+                let max: i64 = self.tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| r.get(0))?;
+                Ok(max as u64 + 1)
+            }
+        }
+    }
+
+    fn head(&mut self, tenant: &str) -> Result<String, StoreError> {
+        if let Some(h) = self.heads.get(tenant) {
+            return Ok(h.clone());
+        }
+        let h: Option<String> = self
+            .tx
+            .prepare_cached("SELECT head_hash FROM tenants WHERE id = ?1")?
+            .query_row([tenant], |r| r.get(0))
+            .optional()?;
+        Ok(h.unwrap_or_else(|| GENESIS_HASH.to_string()))
+    }
+
+    /// Seals the draft as the next event, applies it to `prev`, and writes both. Nothing is
+    /// written if the state machine refuses the event.
+    fn record(&mut self, draft: EventDraft, prev: Option<&Job>) -> Result<Option<Job>, StoreError> {
+        let seq = self.next_seq()?;
+        let prev_hash = self.head(&draft.tenant)?;
+        let ev = draft.seal(seq, &prev_hash);
+        let job = apply(prev, &ev).map_err(transition_error)?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO history (seq, tenant, job_id, type, at, correlation_id, hash, line)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                seq as i64,
+                ev.tenant,
+                ev.job_id,
+                ev.event.type_name(),
+                ev.at.as_millis(),
+                ev.correlation_id,
+                ev.hash,
+                ev.to_line(),
+            ])?;
+        if let Some(job) = &job {
+            self.write_job(job, prev.is_none())?;
+        }
+        self.next_seq = Some(seq + 1);
+        self.heads.insert(ev.tenant.clone(), ev.hash);
+        Ok(job)
+    }
+
+    fn write_job(&self, job: &Job, insert: bool) -> Result<(), StoreError> {
+        let doc = orch_core::canonical::to_vec(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let doc = String::from_utf8(doc).expect("canonical JSON is UTF-8");
+        let lease = job.lease.as_ref();
+        let sql = if insert {
+            "INSERT INTO jobs (id, tenant, project, queue, source, state, priority, run_after, lease_id,
+                               lease_expires_at, idempotency_key, correlation_id, updated_at, doc)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+        } else {
+            "UPDATE jobs SET tenant = ?2, project = ?3, queue = ?4, source = ?5, state = ?6, priority = ?7,
+                             run_after = ?8, lease_id = ?9, lease_expires_at = ?10, idempotency_key = ?11,
+                             correlation_id = ?12, updated_at = ?13, doc = ?14
+             WHERE id = ?1"
+        };
+        self.tx.prepare_cached(sql)?.execute(params![
+            job.id,
+            job.tenant,
+            job.project,
+            job.spec.queue,
+            job.spec.source,
+            job.state.as_str(),
+            job.spec.priority,
+            job.spec.run_after.as_millis(),
+            lease.map(|l| &l.id),
+            lease.map(|l| l.expires_at.as_millis()),
+            job.spec.idempotency_key,
+            job.correlation_id,
+            job.updated_at.as_millis(),
+            doc,
+        ])?;
+        Ok(())
+    }
+
+    fn flush_heads(&mut self) -> Result<(), StoreError> {
+        let mut stmt = self.tx.prepare_cached(
+            "INSERT INTO tenants (id, head_seq, head_hash) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET head_seq = excluded.head_seq, head_hash = excluded.head_hash",
+        )?;
+        let last = self.next_seq.map_or(0, |s| s - 1) as i64;
+        for (tenant, hash) in &self.heads {
+            stmt.execute(params![tenant, last, hash])?;
+        }
+        Ok(())
+    }
+
+    /// The delay before the next attempt after `attempt` failed, with fresh jitter.
+    fn retry_at(&self, job: &Job, retryable: bool, hint_ms: Option<u64>) -> Option<orch_core::Timestamp> {
+        if !retryable || job.attempt >= job.spec.max_attempts {
+            return None;
+        }
+        let delay = self.opts.retry.delay_ms(job.attempt, hint_ms, rand::random::<f64>());
+        Some(self.now.plus_millis(delay as i64))
+    }
+
+    fn lease_ms(&self, asked: Option<u64>) -> Result<u64, StoreError> {
+        let ms = asked.unwrap_or(self.opts.default_lease_ms);
+        if ms == 0 || ms > self.opts.max_lease_ms {
+            return Err(StoreError::Invalid(format!(
+                "lease length must be between 1 ms and {} ms, got {ms}",
+                self.opts.max_lease_ms
+            )));
+        }
+        Ok(ms)
+    }
+}
+
+fn transition_error(e: TransitionError) -> StoreError {
+    let job = e.job_id();
+    if e.is_lease_lost() {
+        return StoreError::LeaseLost { job, reason: e.to_string() };
+    }
+    match e {
+        TransitionError::InvalidState { .. } => StoreError::Conflict { job, reason: e.to_string() },
+        TransitionError::InvalidSpec(..) => StoreError::Invalid(e.to_string()),
+        _ => StoreError::Corrupt(e.to_string()),
+    }
+}
+
+fn decode_job(doc: &str) -> Result<Job, StoreError> {
+    serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(format!("stored job does not decode: {e}")))
+}
+
+fn decode_event(line: &str) -> Result<Event, StoreError> {
+    Event::from_line(line).map_err(|e| StoreError::Corrupt(format!("stored event does not decode: {e}")))
+}
+
+fn new_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Names: tenants, projects, queues. Printable, short, no spaces or slashes.
+fn check_name(what: &str, s: &str) -> Result<(), StoreError> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "{what} {s:?} must be 1-128 characters of letters, digits, '-', '_', '.', ':'"
+        )))
+    }
+}
+
+fn check_text(what: &str, s: &str, max: usize) -> Result<(), StoreError> {
+    if s.len() > max || s.chars().any(char::is_control) {
+        return Err(StoreError::Invalid(format!("{what} must be at most {max} bytes without control characters")));
+    }
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    #[instrument(skip_all, fields(jobs = jobs.len()))]
+    fn enqueue(&self, actor: &str, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, StoreError> {
+        for j in &jobs {
+            check_name("tenant", &j.tenant)?;
+            check_name("project", &j.project)?;
+            check_name("queue", &j.queue)?;
+            if let Some(s) = &j.source {
+                check_text("source", s, 512)?;
+            }
+            if let Some(k) = &j.idempotency_key {
+                check_text("idempotency key", k, 256)?;
+            }
+            if let Some(c) = &j.correlation_id {
+                check_text("correlation id", c, 256)?;
+            }
+            if j.max_attempts == Some(0) {
+                return Err(StoreError::Invalid("max_attempts must be at least 1".into()));
+            }
+            let size = serde_json::to_vec(&j.payload).map(|v| v.len()).unwrap_or(usize::MAX);
+            if size > self.opts.max_payload_bytes {
+                return Err(StoreError::Invalid(format!(
+                    "payload is {size} bytes, the limit is {}",
+                    self.opts.max_payload_bytes
+                )));
+            }
+        }
+        self.write(|w| {
+            let mut next_id: JobId = w.tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM jobs", [], |r| r.get(0))?;
+            let mut out = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                if let Some(key) = &j.idempotency_key {
+                    let existing: Option<String> = w
+                        .tx
+                        .prepare_cached("SELECT doc FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
+                        .query_row(params![j.tenant, key], |r| r.get(0))
+                        .optional()?;
+                    if let Some(doc) = existing {
+                        out.push(Enqueued { job: decode_job(&doc)?, created: false });
+                        continue;
+                    }
+                }
+                let id = next_id;
+                next_id += 1;
+                let spec = JobSpec {
+                    queue: j.queue,
+                    source: j.source,
+                    payload: j.payload,
+                    priority: j.priority,
+                    run_after: j.run_after.unwrap_or(w.now),
+                    max_attempts: j.max_attempts.unwrap_or(w.opts.default_max_attempts),
+                    idempotency_key: j.idempotency_key,
+                };
+                w.tx.prepare_cached("INSERT OR IGNORE INTO projects (tenant, id) VALUES (?1, ?2)")?
+                    .execute(params![j.tenant, j.project])?;
+                let draft = EventDraft {
+                    at: w.now,
+                    tenant: j.tenant,
+                    project: j.project,
+                    job_id: Some(id),
+                    actor: actor.to_string(),
+                    correlation_id: j.correlation_id.unwrap_or_else(new_token),
+                    kind: EventKind::Enqueued(spec),
+                };
+                let job = w.record(draft, None)?.expect("enqueue creates a job");
+                out.push(Enqueued { job, created: true });
+            }
+            Ok(out)
+        })
+    }
+
+    #[instrument(skip_all, fields(worker = %req.worker, limit = req.limit))]
+    fn claim(&self, req: &ClaimRequest) -> Result<Vec<Allocation>, StoreError> {
+        check_text("worker id", &req.worker, 256)?;
+        if req.worker.is_empty() {
+            return Err(StoreError::Invalid("worker id must not be empty".into()));
+        }
+        if req.queues.is_empty() || req.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = req.limit.min(10_000);
+        self.write(|w| {
+            let lease_ms = w.lease_ms(req.lease_ms)?;
+            // Best `limit` of each queue, merged: each query walks its queue's ready index in order.
+            let mut candidates: Vec<Job> = Vec::new();
+            for queue in &req.queues {
+                let (sql, tenant) = match &req.scope {
+                    Scope::All => (
+                        "SELECT doc FROM jobs WHERE state = 'queued' AND queue = ?1 AND run_after <= ?2
+                         ORDER BY priority DESC, run_after, id LIMIT ?3",
+                        None,
+                    ),
+                    Scope::Tenant(t) => (
+                        "SELECT doc FROM jobs WHERE state = 'queued' AND tenant = ?4 AND queue = ?1
+                         AND run_after <= ?2 ORDER BY priority DESC, run_after, id LIMIT ?3",
+                        Some(t.as_str()),
+                    ),
+                };
+                let mut stmt = w.tx.prepare_cached(sql)?;
+                let mut rows = match tenant {
+                    None => stmt.query(params![queue, w.now.as_millis(), limit as i64])?,
+                    Some(t) => stmt.query(params![queue, w.now.as_millis(), limit as i64, t])?,
+                };
+                while let Some(row) = rows.next()? {
+                    candidates.push(decode_job(&row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?)?);
+                }
+            }
+            if req.queues.len() > 1 {
+                candidates.sort_by(|a, b| {
+                    b.spec.priority.cmp(&a.spec.priority).then(a.spec.run_after.cmp(&b.spec.run_after)).then(a.id.cmp(&b.id))
+                });
+                candidates.truncate(limit);
+            }
+            let expires = w.now.plus_millis(lease_ms as i64);
+            let mut out = Vec::with_capacity(candidates.len());
+            for job in candidates {
+                let kind = EventKind::Claimed {
+                    lease_id: new_token(),
+                    worker: req.worker.clone(),
+                    lease_expires_at: expires,
+                    attempt: job.attempt + 1,
+                };
+                let draft = w.draft(&job, &req.worker, kind);
+                let job = w.record(draft, Some(&job))?.expect("claim changes a job");
+                let retry = RetryHints {
+                    attempts_left: job.spec.max_attempts.saturating_sub(job.attempt),
+                    backoff_ms: w.opts.retry.delay_ms(job.attempt, None, 1.0),
+                    heartbeat_ms: lease_ms / 3,
+                };
+                out.push(Allocation { job, retry });
+            }
+            Ok(out)
+        })
+    }
+
+    #[instrument(skip_all, fields(job.id = id))]
+    fn heartbeat(&self, scope: &Scope, id: JobId, hb: Heartbeat) -> Result<Job, StoreError> {
+        self.transition(scope, id, None, |_, w| {
+            let ms = w.lease_ms(hb.extend_ms)?;
+            Ok(EventKind::Heartbeat {
+                lease_id: hb.lease_id,
+                lease_expires_at: w.now.plus_millis(ms as i64),
+                progress: hb.progress,
+            })
+        })
+    }
+
+    #[instrument(skip_all, fields(job.id = id))]
+    fn ack(&self, scope: &Scope, id: JobId, ack: Ack) -> Result<Job, StoreError> {
+        let mut names = std::collections::BTreeSet::new();
+        for a in &ack.artifacts {
+            check_text("artifact name", &a.name, 256)?;
+            check_text("media type", &a.media_type, 256)?;
+            if a.name.is_empty() || !names.insert(a.name.as_str()) {
+                return Err(StoreError::Invalid(format!("artifact names must be non-empty and unique: {:?}", a.name)));
+            }
+        }
+        self.write(|w| {
+            let job = w.load_job(scope, id)?;
+            let actor = lease_holder(&job);
+            let metas: Vec<Artifact> =
+                ack.artifacts.iter().map(|a| Artifact::of_content(&a.name, &a.media_type, &a.content)).collect();
+            let draft = w.draft(&job, &actor, EventKind::Succeeded { lease_id: ack.lease_id, artifacts: metas.clone() });
+            let job = w.record(draft, Some(&job))?.expect("ack changes a job");
+            for (a, m) in ack.artifacts.iter().zip(&metas) {
+                w.tx.prepare_cached("INSERT OR IGNORE INTO artifacts (sha256, size, content) VALUES (?1, ?2, ?3)")?
+                    .execute(params![m.sha256, m.size as i64, a.content])?;
+                w.tx.prepare_cached(
+                    "INSERT INTO job_artifacts (job_id, name, media_type, size, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![id, m.name, m.media_type, m.size as i64, m.sha256])?;
+            }
+            Ok(job)
+        })
+    }
+
+    #[instrument(skip_all, fields(job.id = id))]
+    fn fail(&self, scope: &Scope, id: JobId, f: Failure) -> Result<Job, StoreError> {
+        check_name("error class", &f.class)?;
+        check_text("error message", &f.message.replace(['\n', '\t'], " "), 4096)?;
+        self.transition(scope, id, None, |job, w| {
+            Ok(EventKind::Failed {
+                lease_id: f.lease_id,
+                class: f.class,
+                message: f.message,
+                retry_at: w.retry_at(job, f.retryable, f.retry_after_ms),
+            })
+        })
+    }
+
+    #[instrument(skip_all, fields(job.id = id))]
+    fn cancel(&self, scope: &Scope, id: JobId, actor: &str, reason: Option<String>) -> Result<Job, StoreError> {
+        if let Some(r) = &reason {
+            check_text("reason", r, 1024)?;
+        }
+        self.transition(scope, id, Some(actor), |_, _| Ok(EventKind::Cancelled { reason }))
+    }
+
+    #[instrument(skip_all, fields(job.id = id))]
+    fn retry(&self, scope: &Scope, id: JobId, actor: &str, reason: Option<String>) -> Result<Job, StoreError> {
+        if let Some(r) = &reason {
+            check_text("reason", r, 1024)?;
+        }
+        self.transition(scope, id, Some(actor), |_, w| Ok(EventKind::Retried { run_after: w.now, reason }))
+    }
+
+    #[instrument(skip_all)]
+    fn reap_expired_leases(&self, limit: usize) -> Result<usize, StoreError> {
+        self.write(|w| {
+            let docs: Vec<String> = w
+                .tx
+                .prepare_cached(
+                    "SELECT doc FROM jobs WHERE state = 'running' AND lease_expires_at <= ?1
+                     ORDER BY lease_expires_at, id LIMIT ?2",
+                )?
+                .query_map(params![w.now.as_millis(), limit as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for doc in &docs {
+                let job = decode_job(doc)?;
+                let lease_id = job.lease.as_ref().map(|l| l.id.clone()).unwrap_or_default();
+                let retry_at = w.retry_at(&job, true, None);
+                let draft = w.draft(&job, "orchd", EventKind::LeaseExpired { lease_id, retry_at });
+                w.record(draft, Some(&job))?;
+            }
+            if !docs.is_empty() {
+                tracing::info!(count = docs.len(), "took back expired leases");
+            }
+            Ok(docs.len())
+        })
+    }
+
+    fn job(&self, scope: &Scope, id: JobId) -> Result<Job, StoreError> {
+        self.read(|c| {
+            let doc: Option<(String, String)> = c
+                .prepare_cached("SELECT tenant, doc FROM jobs WHERE id = ?1")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            match doc {
+                Some((tenant, doc)) if scope.allows(&tenant) => decode_job(&doc),
+                _ => Err(StoreError::NotFound(id)),
+            }
+        })
+    }
+
+    fn jobs(&self, scope: &Scope, filter: &JobFilter, page: PageRequest) -> Result<Page<Job>, StoreError> {
+        let mut q = Query::new("SELECT id, doc FROM jobs WHERE id > ?", page.after);
+        q.opt("tenant = ?", scope.tenant().map(String::from));
+        q.opt("state = ?", filter.state.map(|s| s.as_str().to_string()));
+        q.opt("queue = ?", filter.queue.clone());
+        q.opt("project = ?", filter.project.clone());
+        q.opt("source = ?", filter.source.clone());
+        q.opt("correlation_id = ?", filter.correlation_id.clone());
+        q.opt("updated_at >= ?", filter.updated_since.map(|t| t.as_millis()));
+        q.opt("updated_at < ?", filter.updated_before.map(|t| t.as_millis()));
+        self.read(|c| q.page(c, "id", page.limit, |doc| decode_job(doc)))
+    }
+
+    fn history(&self, scope: &Scope, filter: &HistoryFilter, page: PageRequest) -> Result<Page<Event>, StoreError> {
+        let mut q = Query::new("SELECT seq, line FROM history WHERE seq > ?", page.after);
+        q.opt("tenant = ?", scope.tenant().map(String::from));
+        q.opt("job_id = ?", filter.job_id);
+        q.opt("type = ?", filter.event_type.clone());
+        q.opt("correlation_id = ?", filter.correlation_id.clone());
+        q.opt("at >= ?", filter.since.map(|t| t.as_millis()));
+        q.opt("at < ?", filter.before.map(|t| t.as_millis()));
+        self.read(|c| q.page(c, "seq", page.limit, |line| decode_event(line)))
+    }
+
+    fn artifact(&self, scope: &Scope, job: JobId, name: &str) -> Result<(Artifact, Vec<u8>), StoreError> {
+        self.job(scope, job)?;
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT ja.media_type, ja.size, ja.sha256, a.content FROM job_artifacts ja
+                 JOIN artifacts a ON a.sha256 = ja.sha256 WHERE ja.job_id = ?1 AND ja.name = ?2",
+            )?
+            .query_row(params![job, name], |r| {
+                Ok((
+                    Artifact {
+                        name: name.to_string(),
+                        media_type: r.get(0)?,
+                        size: r.get::<_, i64>(1)? as u64,
+                        sha256: r.get(2)?,
+                    },
+                    r.get(3)?,
+                ))
+            })
+            .optional()?
+            .ok_or_else(|| StoreError::ArtifactNotFound { job, name: name.to_string() })
+        })
+    }
+
+    fn snapshot(&self, f: &mut dyn FnMut(&dyn SnapshotReader) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        self.read(|c| {
+            // A deferred transaction holds one WAL snapshot from its first read to its end.
+            c.execute_batch("BEGIN DEFERRED")?;
+            let out = f(&SqliteSnapshot { conn: c });
+            c.execute_batch("COMMIT")?;
+            out
+        })
+    }
+
+    fn stats(&self, scope: &Scope) -> Result<Stats, StoreError> {
+        self.read(|c| {
+            let mut stats = Stats::default();
+            let mut q = Query::new("SELECT state, count(*) FROM jobs WHERE id > ?", 0);
+            q.opt("tenant = ?", scope.tenant().map(String::from));
+            q.sql.push_str(" GROUP BY state");
+            let mut stmt = c.prepare(&q.sql)?;
+            let mut rows = stmt.query(params_from_iter(q.args.iter()))?;
+            while let Some(r) = rows.next()? {
+                stats.by_state.insert(r.get(0)?, r.get::<_, i64>(1)? as u64);
+            }
+            let mut q = Query::new("SELECT count(*) FROM history WHERE seq > ?", 0);
+            q.opt("tenant = ?", scope.tenant().map(String::from));
+            stats.events = c.query_row(&q.sql, params_from_iter(q.args.iter()), |r| r.get::<_, i64>(0))? as u64;
+            Ok(stats)
+        })
+    }
+}
+
+/// The actor of a worker event: the worker holding the job's lease.
+fn lease_holder(job: &Job) -> String {
+    job.lease.as_ref().map_or_else(|| "unknown-worker".to_string(), |l| l.worker.clone())
+}
+
+/// A filtered, keyset-paginated SELECT built from optional conditions.
+struct Query {
+    sql: String,
+    args: Vec<rusqlite::types::Value>,
+}
+
+impl Query {
+    fn new(base: &str, after: i64) -> Query {
+        Query { sql: base.to_string(), args: vec![after.into()] }
+    }
+
+    fn opt<T: Into<rusqlite::types::Value>>(&mut self, cond: &str, v: Option<T>) {
+        if let Some(v) = v {
+            self.sql.push_str(" AND ");
+            self.sql.push_str(cond);
+            self.args.push(v.into());
+        }
+    }
+
+    fn page<T>(
+        mut self,
+        c: &Connection,
+        key: &str,
+        limit: usize,
+        decode: impl Fn(&str) -> Result<T, StoreError>,
+    ) -> Result<Page<T>, StoreError> {
+        let limit = limit.clamp(1, 1000);
+        self.sql.push_str(&format!(" ORDER BY {key} LIMIT {}", limit + 1));
+        let mut stmt = c.prepare(&self.sql)?;
+        let mut rows = stmt.query(params_from_iter(self.args.iter()))?;
+        let mut items = Vec::new();
+        let mut last = None;
+        let mut more = false;
+        while let Some(r) = rows.next()? {
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            last = Some(r.get::<_, i64>(0)?);
+            items.push(decode(r.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?)?);
+        }
+        Ok(Page { items, next_after: if more { last } else { None } })
+    }
+}
+
+struct SqliteSnapshot<'c> {
+    conn: &'c Connection,
+}
+
+impl SqliteSnapshot<'_> {
+    fn each_line(
+        &self,
+        sql: &str,
+        scope: &Scope,
+        args: &[i64],
+        f: &mut dyn FnMut(&str) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut sql = sql.to_string();
+        let mut params: Vec<rusqlite::types::Value> = args.iter().map(|&a| a.into()).collect();
+        if let Some(t) = scope.tenant() {
+            sql.push_str(" AND tenant = ?");
+            params.push(t.to_string().into());
+        }
+        let order = if sql.contains("FROM jobs") { " ORDER BY id" } else { " ORDER BY seq" };
+        sql.push_str(order);
+        let mut stmt = self.conn.prepare(&sql)?;
+        let mut rows = stmt.query(params_from_iter(params.iter()))?;
+        while let Some(r) = rows.next()? {
+            f(r.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl SnapshotReader for SqliteSnapshot<'_> {
+    fn head_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    fn for_each_event(
+        &self,
+        scope: &Scope,
+        from: u64,
+        to: u64,
+        f: &mut dyn FnMut(Event) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let sql = "SELECT line FROM history WHERE seq >= ? AND seq <= ?";
+        self.each_line(sql, scope, &[from as i64, to.min(i64::MAX as u64) as i64], &mut |l| f(decode_event(l)?))
+    }
+
+    fn for_each_job(&self, scope: &Scope, f: &mut dyn FnMut(Job) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        self.each_line("SELECT doc FROM jobs WHERE 1 = 1", scope, &[], &mut |d| f(decode_job(d)?))
+    }
+
+    fn for_each_throttle(
+        &self,
+        scope: &Scope,
+        from: u64,
+        to: u64,
+        f: &mut dyn FnMut(serde_json::Value) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let sql = "SELECT line FROM throttles WHERE seq >= ? AND seq <= ?";
+        self.each_line(sql, scope, &[from as i64, to.min(i64::MAX as u64) as i64], &mut |l| {
+            f(serde_json::from_str(l).map_err(|e| StoreError::Corrupt(format!("throttle record: {e}")))?)
+        })
+    }
+}
