@@ -1,0 +1,90 @@
+//! The demo workload behind `orchd serve --demo`: a trickle of jobs for two tenants and an
+//! in-process worker that runs them (one in five fails its first attempt with an upstream 429),
+//! so that a newcomer sees jobs move through the ledger in the logs and over the API.
+
+use std::time::Duration;
+
+use orch_store::{Ack, ArtifactInput, ClaimRequest, Failure, Heartbeat, NewJob, Scope};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::AppState;
+
+const QUEUES: [&str; 2] = ["ingest.nvd", "analyze"];
+const TENANTS: [&str; 2] = ["acme", "globex"];
+
+/// Starts the demo producer and worker.
+pub fn spawn(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    let producer = {
+        let mut n = 0u64;
+        crate::services::spawn_periodic("demo-producer", state.clone(), Duration::from_millis(500), stop.clone(), move |st| {
+            n += 1;
+            let batch = n;
+            async move {
+                let jobs = (0..4u64)
+                    .map(|i| {
+                        let tenant = TENANTS[(i % 2) as usize];
+                        let queue = QUEUES[((i / 2) % 2) as usize];
+                        let mut j = NewJob::new(tenant, "demo", queue, json!({"batch": batch, "item": i}));
+                        j.source = Some("services.nvd.nist.gov".into());
+                        j.max_attempts = Some(3);
+                        j.idempotency_key = Some(format!("demo-{batch}-{i}"));
+                        j
+                    })
+                    .collect();
+                match st.blocking(move |s| s.enqueue("demo", jobs)).await {
+                    Ok(out) => tracing::info!(batch, jobs = out.len(), "demo enqueued"),
+                    Err(e) => tracing::error!(error = %e, "demo enqueue failed"),
+                }
+            }
+        })
+    };
+    let worker = crate::services::spawn_periodic("demo-worker", state.clone(), Duration::from_millis(100), stop, |st| async move {
+        if let Err(e) = work_once(&st).await {
+            tracing::error!(error = %e, "demo worker failed");
+        }
+    });
+    vec![producer, worker]
+}
+
+async fn work_once(st: &AppState) -> Result<(), orch_store::StoreError> {
+    let req = ClaimRequest {
+        scope: Scope::All,
+        queues: QUEUES.iter().map(|q| q.to_string()).collect(),
+        worker: "demo-worker".into(),
+        limit: 4,
+        lease_ms: Some(10_000),
+    };
+    let allocations = st.blocking(move |s| s.claim(&req)).await?;
+    for a in allocations {
+        let job = a.job;
+        let lease_id = job.lease.clone().map(|l| l.id).unwrap_or_default();
+        let scope = Scope::Tenant(job.tenant.clone());
+        tracing::info!(job.id = job.id, tenant = %job.tenant, queue = %job.spec.queue, attempt = job.attempt, "demo job claimed");
+        let (sc, lid) = (scope.clone(), lease_id.clone());
+        let hb = Heartbeat { lease_id: lid, progress: Some(json!({"pct": 50})), extend_ms: None };
+        st.blocking(move |s| s.heartbeat(&sc, job.id, hb)).await?;
+        let flaky = job.id % 5 == 0 && job.attempt == 1;
+        if flaky {
+            let f = Failure {
+                lease_id,
+                class: "http_429".into(),
+                message: "upstream answered 429 Too Many Requests".into(),
+                retryable: true,
+                retry_after_ms: Some(2_000),
+            };
+            let after = st.blocking(move |s| s.fail(&scope, job.id, f)).await?;
+            tracing::info!(job.id = job.id, state = after.state.as_str(), "demo job failed, will retry");
+        } else {
+            let content = serde_json::to_vec(&json!({"job": job.id, "records": job.id * 7 % 100})).unwrap_or_default();
+            let ack = Ack {
+                lease_id,
+                artifacts: vec![ArtifactInput { name: "result.json".into(), media_type: "application/json".into(), content }],
+            };
+            st.blocking(move |s| s.ack(&scope, job.id, ack)).await?;
+            tracing::info!(job.id = job.id, tenant = %job.tenant, queue = %job.spec.queue, "demo job succeeded");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! The orch daemon as a library: settings, the HTTP control plane, background services and the
+//! demo workload. `main.rs` only parses the command line and calls into here.
+
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod services;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use orch_core::Clock;
+use orch_store::Store;
+
+/// What every handler and service shares: a cheap-to-clone handle.
+#[derive(Clone)]
+pub struct AppState {
+    /// The ledger.
+    pub store: Arc<dyn Store>,
+    /// The daemon's clock.
+    pub clock: Arc<dyn Clock>,
+    /// The validated settings.
+    pub settings: Arc<config::Settings>,
+    ready: Arc<AtomicBool>,
+}
+
+impl AppState {
+    /// A state over an opened store; not ready until [`AppState::set_ready`].
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, settings: config::Settings) -> Self {
+        AppState { store, clock, settings: Arc::new(settings), ready: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// Marks the daemon ready to serve (migrations ran, services started).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the daemon is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Runs a blocking store call on the blocking pool, never holding a connection across `.await`.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, orch_store::StoreError> + Send + 'static,
+    ) -> Result<T, orch_store::StoreError> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || f(&*store)).await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+/// The wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> orch_core::Timestamp {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        orch_core::Timestamp::from_millis(ms)
+    }
+}
+
+/// Serves the control plane on `listener` and runs the background services until `shutdown`
+/// resolves; then stops accepting requests, lets running ones finish and stops the services.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let services = services::spawn_all(&state, stop_rx.clone());
+    state.set_ready();
+    let app = http::router(state.clone());
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "orchd listening");
+    // The one line serve prints on stdout: where it listens (tests and scripts read it).
+    println!("orchd listening on http://{addr}");
+    let mut http_stop = stop_rx;
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = http_stop.changed().await;
+    });
+    let server = tokio::spawn(async move { server.await });
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    server.await??;
+    for s in services {
+        let _ = s.await;
+    }
+    Ok(())
+}

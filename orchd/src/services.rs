@@ -1,0 +1,51 @@
+//! Background services: the lease reaper (and, as they land, the scheduler and the breakers).
+//! Each is a task that loops on an interval until the stop signal flips.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::AppState;
+
+/// Starts every background service.
+pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    let interval = Duration::from_millis(state.settings.reaper_interval_ms);
+    vec![spawn_periodic("lease-reaper", state.clone(), interval, stop, |state| async move {
+        loop {
+            match state.blocking(|s| s.reap_expired_leases(1_000)).await {
+                Ok(n) if n == 1_000 => continue, // more may be waiting
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "lease reaper failed");
+                    break;
+                }
+            }
+        }
+    })]
+}
+
+/// Runs `tick` every `interval` until `stop` becomes true.
+pub fn spawn_periodic<F, Fut>(
+    name: &'static str,
+    state: AppState,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+    mut tick: F,
+) -> JoinHandle<()>
+where
+    F: FnMut(AppState) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut timer = tokio::time::interval(interval);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = timer.tick() => tick(state.clone()).await,
+                _ = stop.changed() => break,
+            }
+        }
+        tracing::debug!(service = name, "stopped");
+    })
+}
