@@ -15,7 +15,7 @@ use crate::Timestamp;
 
 /// What happened. Every decision the daemon took (lease token, expiry, retry time) is data here,
 /// so that [`apply`](crate::apply) needs nothing but the event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", content = "data", deny_unknown_fields)]
 pub enum EventKind {
     /// A job was created.
@@ -141,7 +141,7 @@ pub struct EventDraft {
 }
 
 /// One entry of the history: a line of `history.jsonl`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Event {
     /// Position in the site's history, starting at 1, without gaps.

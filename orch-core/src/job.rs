@@ -10,7 +10,7 @@ use crate::Timestamp;
 pub type JobId = i64;
 
 /// Where a job is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waiting to be claimed (possibly not before its `run_after`).
@@ -58,7 +58,7 @@ impl JobState {
 }
 
 /// What a client asks to run: the content of a `job.enqueued` event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// The job type, which is also the queue workers claim from.
@@ -80,7 +80,7 @@ pub struct JobSpec {
 }
 
 /// A worker's hold on a job.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Lease {
     /// The token a worker presents with every heartbeat, ack and fail.
     pub id: String,
@@ -91,7 +91,7 @@ pub struct Lease {
 }
 
 /// An output of a job, identified by the SHA-256 of its content.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Artifact {
     /// The name the worker gave it, unique within the job.
@@ -117,7 +117,7 @@ impl Artifact {
 }
 
 /// The last failure of a job.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobError {
     /// A machine class such as `http_429`, `timeout` or `lease_expired`.
@@ -130,7 +130,7 @@ pub struct JobError {
 
 /// A job's state after its events so far. This is exactly what `jobs.jsonl` exports and what
 /// replay must reproduce.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Job {
     /// The job's id.

@@ -7,6 +7,7 @@
 //! by an auditor yields exactly the jobs the daemon stored.
 #![deny(missing_docs)]
 
+pub mod bundle;
 pub mod canonical;
 pub mod chain;
 pub mod clock;
@@ -17,6 +18,8 @@ pub mod job;
 pub mod machine;
 pub mod merkle;
 pub mod retry;
+pub mod schema;
+pub mod throttle;
 pub mod time;
 pub mod trust;
 

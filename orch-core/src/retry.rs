@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Backoff settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RetryPolicy {
     /// Delay before the second attempt, in milliseconds.
     pub base_ms: u64,
