@@ -2,6 +2,12 @@
 -- The history is the ledger of record; `jobs` is its projection (each row is what
 -- orch_core::apply made of the job's events) with columns extracted for indexing.
 
+-- Site-wide facts: `site_id` names this ledger in exported bundles.
+CREATE TABLE meta (
+    key         TEXT PRIMARY KEY,
+    value       TEXT NOT NULL
+) WITHOUT ROWID;
+
 CREATE TABLE tenants (
     id          TEXT PRIMARY KEY,
     head_seq    INTEGER NOT NULL DEFAULT 0,   -- seq of the tenant's last event

@@ -70,6 +70,8 @@ pub trait Store: Send + Sync + 'static {
 
 /// A consistent view of a ledger for export and checking.
 pub trait SnapshotReader {
+    /// The site's id (chosen at random when the ledger was created).
+    fn site_id(&self) -> Result<String, StoreError>;
     /// The sequence number of the last event.
     fn head_seq(&self) -> Result<u64, StoreError>;
     /// Visits events with `from <= seq <= to` in the scope, by ascending sequence.

@@ -94,6 +94,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         tracing::info!(version = i + 1, "applied ledger migration");
     }
     tx.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}"))?;
+    tx.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('site_id', ?1)", [format!("site-{}", &new_token()[..16])])?;
     tx.commit()?;
     Ok(())
 }
@@ -770,6 +771,10 @@ impl SqliteSnapshot<'_> {
 }
 
 impl SnapshotReader for SqliteSnapshot<'_> {
+    fn site_id(&self) -> Result<String, StoreError> {
+        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = 'site_id'", [], |r| r.get(0))?)
+    }
+
     fn head_seq(&self) -> Result<u64, StoreError> {
         Ok(self.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| r.get::<_, i64>(0))? as u64)
     }

@@ -114,3 +114,98 @@ pub fn run(name: &str, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Building ledgers and bundles for tests, deterministically where it matters.
+pub mod ledger {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use orch_core::trust::{Root, RootSigned, SigningKey};
+    use orch_core::{ManualClock, Timestamp};
+    use orch_store::*;
+    use serde_json::json;
+
+    /// Test time zero: 2026-11-01T00:00:00Z.
+    pub const T0: Timestamp = Timestamp::from_millis(1_793_491_200_000);
+
+    /// A fixed key, from a seed byte.
+    pub fn key(n: u8) -> SigningKey {
+        SigningKey::from_seed([n; 32])
+    }
+
+    /// A root (version 1, expiring at `expires`) whose root role is key 1 and bundle role keys
+    /// `bundle` with `threshold`, signed by key 1.
+    pub fn root(expires: &str, bundle: &[&SigningKey], threshold: u32) -> Root {
+        let rk = [key(1).public()];
+        let bk: Vec<_> = bundle.iter().map(|k| k.public()).collect();
+        Root::sign(RootSigned::new(1, expires, (&rk, 1), (&bk, threshold)), &[key(1)])
+    }
+
+    /// Fills a ledger with a small workload for two tenants: successes with artifacts, a retry,
+    /// a dead letter, a cancel, a lapsed lease, and a secret in one payload.
+    pub fn workload(db: &Path) -> Arc<ManualClock> {
+        let clock = Arc::new(ManualClock::new(T0));
+        let store = SqliteStore::open(db, clock.clone(), StoreOptions::default(), Synchronous::Normal).unwrap();
+        for round in 0..3u64 {
+            let mut jobs = Vec::new();
+            for (i, tenant) in ["acme", "globex"].iter().enumerate() {
+                let mut j = NewJob::new(tenant, "feeds", "ingest", json!({"round": round, "i": i, "url": "https://feeds.example/x"}));
+                j.max_attempts = Some(2);
+                j.correlation_id = Some(format!("corr-{round}-{i}"));
+                j.idempotency_key = Some(format!("k-{round}-{i}"));
+                jobs.push(j);
+            }
+            let mut secret = NewJob::new("acme", "feeds", "ingest", json!({"password": "hunter2", "auth": "Bearer abc.def"}));
+            secret.correlation_id = Some(format!("corr-{round}-secret"));
+            jobs.push(secret);
+            store.enqueue("api", jobs).unwrap();
+            clock.advance(Duration::from_secs(1));
+            let allocs = store
+                .claim(&ClaimRequest { scope: Scope::All, queues: vec!["ingest".into()], worker: "w1".into(), limit: 10, lease_ms: Some(30_000) })
+                .unwrap();
+            for (n, a) in allocs.into_iter().enumerate() {
+                let scope = Scope::Tenant(a.job.tenant.clone());
+                let lease_id = a.job.lease.clone().unwrap().id;
+                clock.advance(Duration::from_millis(250));
+                match n % 4 {
+                    0 | 1 => {
+                        let ack = Ack { lease_id, artifacts: vec![ArtifactInput { name: "out.json".into(), media_type: "application/json".into(), content: format!("{{\"n\":{n}}}").into_bytes() }] };
+                        store.ack(&scope, a.job.id, ack).unwrap();
+                    }
+                    2 => {
+                        let f = Failure { lease_id, class: "http_429".into(), message: "slow down".into(), retryable: true, retry_after_ms: Some(5_000) };
+                        store.fail(&scope, a.job.id, f).unwrap();
+                    }
+                    _ => {
+                        store.heartbeat(&scope, a.job.id, Heartbeat { lease_id, progress: Some(json!({"pct": 40})), extend_ms: Some(2_000) }).unwrap();
+                    }
+                }
+            }
+            clock.advance(Duration::from_secs(10));
+            store.reap_expired_leases(100).unwrap();
+        }
+        let first = store.jobs(&Scope::All, &JobFilter { state: Some(orch_core::JobState::Queued), ..Default::default() }, PageRequest::default()).unwrap();
+        if let Some(j) = first.items.first() {
+            store.cancel(&Scope::Tenant(j.tenant.clone()), j.id, "operator", Some("duplicate feed".into())).unwrap();
+        }
+        clock
+    }
+
+    /// Exports a bundle of `db` signed by `keys`, with the given scope and range.
+    pub fn bundle(db: &Path, keys: &[SigningKey], scope: Scope, from_seq: u64, to_seq: Option<u64>) -> Vec<u8> {
+        let store = SqliteStore::open(db, Arc::new(ManualClock::new(T0)), StoreOptions::default(), Synchronous::Normal).unwrap();
+        let opts = orch_bundle::ExportOptions {
+            scope,
+            from_seq,
+            to_seq,
+            site_id: Some("site-test".into()),
+            anchor: None,
+            redactor: orch_core::bundle::Redactor::new(Default::default(), b"redaction-key".to_vec()),
+            previous: None,
+        };
+        let exported = orch_bundle::export(&store, opts).unwrap();
+        let env = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), keys);
+        exported.pack(&env).unwrap()
+    }
+}

@@ -1,0 +1,349 @@
+//! Offline verification of orch audit bundles.
+//!
+//! [`verify`] is pure: bundle bytes and a trust root in, a [`Report`] out. It never prints or
+//! exits; the `orch-verify` binary prints the report (as text, or as the `--json` document whose
+//! schema is `schemas/verify-report.schema.json`) and maps it to an exit code.
+
+pub mod archive;
+pub mod proof;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use orch_core::bundle::{self, Manifest};
+use orch_core::chain::ChainVerifier;
+use orch_core::trust::Root;
+use orch_core::{Event, Job, JobId, Timestamp};
+use serde::Serialize;
+
+/// What to trust and when "now" is.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// The trusted root (version N).
+    pub root: Root,
+    /// Newer roots (N+1, N+2, …) to walk to, each signed by its predecessor's threshold.
+    pub root_chain: Vec<Root>,
+    /// The verifier's "now", for the anchor's staleness (default: the anchor itself, i.e. no
+    /// staleness check unless `max_age_ms` and `now` are both given).
+    pub now: Option<Timestamp>,
+    /// The oldest an anchor may be, relative to `now`, in milliseconds.
+    pub max_age_ms: Option<u64>,
+}
+
+/// One failed check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+pub struct Failure {
+    /// The check: `archive`, `manifest`, `signature`, `root`, `files`, `chain`, `merkle`,
+    /// `anchor` or `replay`.
+    pub check: String,
+    /// The entry (file, event seq, job id, key id) it concerns.
+    pub entry: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// What a bundle says about itself, once it is known to be readable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+pub struct Summary {
+    /// The site.
+    pub site_id: String,
+    /// Tenant scope, if any.
+    pub tenant: Option<String>,
+    /// Sequence range.
+    pub from_seq: u64,
+    /// Sequence range.
+    pub to_seq: u64,
+    /// Events in the history.
+    pub events: u64,
+    /// Jobs in `jobs.jsonl`.
+    pub jobs: u64,
+    /// Merkle root.
+    pub merkle_root: String,
+    /// Time anchor.
+    pub anchor: Timestamp,
+    /// Root version the signatures were checked against.
+    pub root_version: u64,
+    /// Key ids whose signatures counted.
+    pub signed_by: Vec<String>,
+}
+
+/// The verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+pub struct Report {
+    /// Whether every check passed.
+    pub ok: bool,
+    /// The checks that ran, in order.
+    pub checks: Vec<String>,
+    /// What failed.
+    pub failures: Vec<Failure>,
+    /// The bundle's own description, when it could be read.
+    pub summary: Option<Summary>,
+}
+
+struct Ctx {
+    checks: Vec<String>,
+    failures: Vec<Failure>,
+}
+
+impl Ctx {
+    fn check(&mut self, name: &str) {
+        self.checks.push(name.to_string());
+    }
+    fn fail(&mut self, check: &str, entry: impl Into<String>, message: impl Into<String>) {
+        self.failures.push(Failure { check: check.into(), entry: entry.into(), message: message.into() });
+    }
+}
+
+/// Parses JSON lines, reporting the first bad line.
+fn parse_lines<T: serde::de::DeserializeOwned>(content: &[u8], file: &str) -> Result<Vec<T>, (String, String)> {
+    let text = std::str::from_utf8(content).map_err(|_| (file.to_string(), "not UTF-8".to_string()))?;
+    if !text.is_empty() && !text.ends_with('\n') {
+        return Err((file.to_string(), "last line is not newline-terminated".into()));
+    }
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| (format!("{file}:{}", i + 1), e.to_string())))
+        .collect()
+}
+
+/// Verifies a bundle.
+pub fn verify(bytes: &[u8], opts: &VerifyOptions) -> Report {
+    let mut cx = Ctx { checks: Vec::new(), failures: Vec::new() };
+    let summary = run(bytes, opts, &mut cx);
+    Report { ok: cx.failures.is_empty(), checks: cx.checks, failures: cx.failures, summary }
+}
+
+fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
+    // Archive shape.
+    cx.check("archive");
+    let entries = match archive::read(bytes) {
+        Ok(e) => e,
+        Err(msg) => {
+            cx.fail("archive", "bundle", msg);
+            return None;
+        }
+    };
+    for (entry, msg) in &entries.problems {
+        cx.fail("archive", entry.clone(), msg.clone());
+    }
+    let files = &entries.files;
+    let empty = Vec::new();
+    let file = |n: &str| files.get(n).unwrap_or(&empty);
+
+    // Manifest.
+    cx.check("manifest");
+    let manifest_bytes = file(bundle::MANIFEST);
+    let manifest: Manifest = match serde_json::from_slice(manifest_bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            cx.fail("manifest", bundle::MANIFEST, format!("unreadable: {e}"));
+            return None;
+        }
+    };
+    if manifest.format != bundle::FORMAT {
+        cx.fail("manifest", bundle::MANIFEST, format!("format {:?}, this verifier reads {}", manifest.format, bundle::FORMAT));
+        return None;
+    }
+    if orch_core::canonical::to_vec(&manifest).ok().as_deref() != Some(manifest_bytes.as_slice()) {
+        cx.fail("manifest", bundle::MANIFEST, "not in canonical form");
+    }
+
+    // Trust root chain, then signatures against the newest root's bundle role.
+    cx.check("root");
+    let anchor = manifest.time_anchor.at;
+    let root = match orch_core::trust::verify_chain(&opts.root, &opts.root_chain) {
+        Ok(r) => r,
+        Err(e) => {
+            cx.fail("root", "root-chain", e.to_string());
+            opts.root.clone()
+        }
+    };
+    if let Err(e) = orch_core::trust::check_expiry(&root, anchor) {
+        cx.fail("root", format!("root v{}", root.signed.version), e.to_string());
+    }
+    cx.check("signature");
+    let mut signed_by = Vec::new();
+    match serde_json::from_slice::<orch_core::dsse::Envelope>(file(bundle::MANIFEST_DSSE)) {
+        Err(e) => cx.fail("signature", bundle::MANIFEST_DSSE, format!("unreadable envelope: {e}")),
+        Ok(env) => {
+            if env.payload_type != bundle::MANIFEST_PAYLOAD_TYPE {
+                cx.fail("signature", bundle::MANIFEST_DSSE, format!("payload type {:?}", env.payload_type));
+            }
+            match env.payload_bytes() {
+                Ok(p) if p == *manifest_bytes => {}
+                Ok(_) => cx.fail("signature", bundle::MANIFEST_DSSE, "signed payload is not manifest.json"),
+                Err(e) => cx.fail("signature", bundle::MANIFEST_DSSE, e.to_string()),
+            }
+            match orch_core::trust::verify_envelope(&env, &root, orch_core::trust::BUNDLE_ROLE) {
+                Ok(keys) => signed_by = keys,
+                Err(e) => cx.fail("signature", bundle::MANIFEST_DSSE, e.to_string()),
+            }
+        }
+    }
+
+    // Files against the manifest and SHA256SUMS.
+    cx.check("files");
+    for name in bundle::DATA_FILES {
+        let content = file(name);
+        match manifest.files.get(name) {
+            None => cx.fail("files", name, "not listed in the manifest"),
+            Some(e) => {
+                let got = orch_core::hash::sha256_hex(content);
+                if got != e.sha256 {
+                    cx.fail("files", name, format!("sha256 {got}, manifest says {}", e.sha256));
+                }
+                if content.len() as u64 != e.size {
+                    cx.fail("files", name, format!("size {}, manifest says {}", content.len(), e.size));
+                }
+                let lines = content.iter().filter(|&&b| b == b'\n').count() as u64;
+                if lines != e.lines {
+                    cx.fail("files", name, format!("{lines} lines, manifest says {}", e.lines));
+                }
+            }
+        }
+    }
+    if manifest.files.len() != bundle::DATA_FILES.len() {
+        cx.fail("files", bundle::MANIFEST, "the manifest lists files the bundle format does not have");
+    }
+    let listed: Vec<_> = bundle::DATA_FILES.iter().filter_map(|n| manifest.files.get(*n).map(|e| (*n, e))).collect();
+    if file(bundle::SHA256SUMS).as_slice() != bundle::sha256sums(listed).as_bytes() {
+        cx.fail("files", bundle::SHA256SUMS, "does not match the manifest's digests");
+    }
+
+    // History: hashes, per-tenant chains, sequence range, Merkle root.
+    cx.check("chain");
+    let events: Vec<Event> = match parse_lines(file(bundle::HISTORY), bundle::HISTORY) {
+        Ok(v) => v,
+        Err((entry, msg)) => {
+            cx.fail("chain", entry, msg);
+            return None;
+        }
+    };
+    let base: Vec<Job> = parse_lines(file(bundle::BASE), bundle::BASE).unwrap_or_else(|(entry, msg)| {
+        cx.fail("replay", entry, msg);
+        Vec::new()
+    });
+    let heads: BTreeMap<String, String> =
+        manifest.chains.iter().map(|(t, s)| (t.clone(), s.first_prev_hash.clone())).collect();
+    let base_map: BTreeMap<JobId, Job> = base.iter().map(|j| (j.id, j.clone())).collect();
+    let mut verifier = ChainVerifier::resume(heads, base_map, manifest.from_seq.saturating_sub(1));
+    let mut chain_ok = true;
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for (i, ev) in events.iter().enumerate() {
+        if manifest.tenant.is_none() && ev.seq != manifest.from_seq + i as u64 {
+            cx.fail("chain", format!("event {}", ev.seq), format!("expected seq {}", manifest.from_seq + i as u64));
+            chain_ok = false;
+            break;
+        }
+        if let Some(t) = &manifest.tenant {
+            if &ev.tenant != t {
+                cx.fail("chain", format!("event {}", ev.seq), format!("tenant {:?} in a bundle of tenant {t:?}", ev.tenant));
+            }
+        }
+        if let Err(e) = verifier.push(ev) {
+            let (check, entry) = match &e {
+                orch_core::chain::ChainError::Replay(r) => ("replay", format!("event {}", r.seq)),
+                _ => ("chain", format!("event {}", ev.seq)),
+            };
+            cx.fail(check, entry, e.to_string());
+            chain_ok = false;
+            break;
+        }
+        *counts.entry(ev.tenant.as_str()).or_default() += 1;
+    }
+    if chain_ok {
+        // A site bundle ends exactly at to_seq; a tenant's may end earlier (later events were
+        // other tenants'), never later.
+        let last = events.last().map(|e| e.seq);
+        let ends_ok = match manifest.tenant {
+            None => last == Some(manifest.to_seq),
+            Some(_) => last.is_some_and(|l| l <= manifest.to_seq),
+        };
+        if !ends_ok {
+            cx.fail("chain", bundle::HISTORY, format!("does not end at seq {}", manifest.to_seq));
+        }
+        for (tenant, span) in &manifest.chains {
+            let last = verifier.heads().get(tenant);
+            if last != Some(&span.last_hash) || counts.get(tenant.as_str()).copied().unwrap_or(0) != span.events {
+                cx.fail("chain", format!("tenant {tenant}"), "chain end or length differs from the manifest");
+            }
+        }
+        if counts.len() != manifest.chains.len() {
+            cx.fail("chain", bundle::MANIFEST, "the manifest's chains do not match the history's tenants");
+        }
+    }
+    cx.check("merkle");
+    let leaves: Vec<[u8; 32]> = file(bundle::HISTORY)
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(orch_core::merkle::leaf_hash)
+        .collect();
+    let root_hex = hex::encode(orch_core::merkle::root(&leaves));
+    if root_hex != manifest.merkle.root || leaves.len() as u64 != manifest.merkle.leaves {
+        cx.fail("merkle", bundle::HISTORY, format!("root {root_hex} over {} leaves, manifest says {} over {}", leaves.len(), manifest.merkle.root, manifest.merkle.leaves));
+    }
+
+    // Time anchor staleness.
+    cx.check("anchor");
+    if let Some(last) = events.last() {
+        if manifest.time_anchor.at < last.at {
+            cx.fail("anchor", "time_anchor", format!("anchor {} is before the last event ({})", manifest.time_anchor.at, last.at));
+        }
+    }
+    if let (Some(now), Some(max)) = (opts.now, opts.max_age_ms) {
+        let age = now - manifest.time_anchor.at;
+        if age > max as i64 {
+            cx.fail("anchor", "time_anchor", format!("anchor {} is {} s old, more than the allowed {} s", manifest.time_anchor.at, age / 1000, max / 1000));
+        }
+    }
+
+    // Replay: history folded over base must give jobs.jsonl exactly.
+    cx.check("replay");
+    let jobs: Vec<Job> = parse_lines(file(bundle::JOBS), bundle::JOBS).unwrap_or_else(|(entry, msg)| {
+        cx.fail("replay", entry, msg);
+        Vec::new()
+    });
+    if chain_ok {
+        let touched: BTreeSet<JobId> = events.iter().filter_map(|e| e.job_id).collect();
+        let replayed: BTreeMap<JobId, Job> =
+            verifier.jobs().iter().filter(|(id, _)| touched.contains(id)).map(|(id, j)| (*id, j.clone())).collect();
+        if let Some(d) = orch_core::chain::first_job_difference(&replayed, &jobs) {
+            let show = |j: &Option<Job>| j.as_ref().map_or("nothing".to_string(), |j| serde_json::to_string(j).unwrap_or_default());
+            cx.fail("replay", format!("job {}", d.id), format!("replay gives {} but jobs.jsonl has {}", show(&d.replayed), show(&d.stored)));
+        }
+    }
+
+    Some(Summary {
+        site_id: manifest.site_id.clone(),
+        tenant: manifest.tenant.clone(),
+        from_seq: manifest.from_seq,
+        to_seq: manifest.to_seq,
+        events: events.len() as u64,
+        jobs: jobs.len() as u64,
+        merkle_root: manifest.merkle.root.clone(),
+        anchor: manifest.time_anchor.at,
+        root_version: root.signed.version,
+        signed_by,
+    })
+}
+
+/// The JSON Schema of [`Report`] (the `--json` output), as committed in
+/// `schemas/verify-report.schema.json`.
+pub fn report_schema() -> serde_json::Value {
+    let mut s = serde_json::to_value(schemars::schema_for!(Report)).expect("schemas encode");
+    s["$id"] = "https://orch.invalid/schemas/verify-report.schema.json".into();
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    /// The committed report schema is current (`ORCH_UPDATE_SCHEMAS=1` rewrites it).
+    #[test]
+    fn committed_report_schema_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/verify-report.schema.json");
+        let want = orch_core::schema::to_file_text(&super::report_schema());
+        if std::env::var_os("ORCH_UPDATE_SCHEMAS").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        assert!(std::fs::read_to_string(&path).unwrap_or_default() == want, "{} is stale", path.display());
+    }
+}
