@@ -78,7 +78,7 @@ mod tests {
     #[test]
     fn envelope_round_trips_with_spec_field_names() {
         let k = SigningKey::from_seed([7; 32]);
-        let env = Envelope::sign("text/plain", b"hi", &[k.clone()]);
+        let env = Envelope::sign("text/plain", b"hi", std::slice::from_ref(&k));
         let json = serde_json::to_value(&env).unwrap();
         assert!(json.get("payloadType").is_some());
         assert_eq!(json["signatures"][0]["keyid"], k.key_id());

@@ -447,7 +447,7 @@ mod tests {
         let v1 = root(1, &[&a], 1, &[&a]);
         let v2 = root(2, &[&b], 1, &[&a, &b]);
         assert!(verify_rotation(&v1, &v2).is_ok());
-        assert_eq!(verify_chain(&v1, &[v2.clone()]).unwrap().signed.version, 2);
+        assert_eq!(verify_chain(&v1, std::slice::from_ref(&v2)).unwrap().signed.version, 2);
         let only_new = root(2, &[&b], 1, &[&b]);
         assert!(matches!(verify_rotation(&v1, &only_new), Err(TrustError::Threshold { .. })));
         let only_old = root(2, &[&b], 1, &[&a]);
@@ -470,8 +470,8 @@ mod tests {
         let (a, b) = (key(1), key(2));
         let pubs = [a.public()];
         let bundle = [b.public()];
-        let r = Root::sign(RootSigned::new(1, "2030-01-01T00:00:00Z", (&pubs, 1), (&bundle, 1)), &[a.clone()]);
-        let env = Envelope::sign("t", b"m", &[b.clone()]);
+        let r = Root::sign(RootSigned::new(1, "2030-01-01T00:00:00Z", (&pubs, 1), (&bundle, 1)), std::slice::from_ref(&a));
+        let env = Envelope::sign("t", b"m", std::slice::from_ref(&b));
         assert_eq!(verify_envelope(&env, &r, BUNDLE_ROLE).unwrap(), vec![b.key_id()]);
         // A root key is not a bundle key.
         let env = Envelope::sign("t", b"m", &[a]);

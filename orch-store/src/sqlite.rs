@@ -475,7 +475,7 @@ impl Store for SqliteStore {
                     Some(t) => stmt.query(params![queue, w.now.as_millis(), limit as i64, t])?,
                 };
                 while let Some(row) = rows.next()? {
-                    candidates.push(decode_job(&row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?)?);
+                    candidates.push(decode_job(row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?)?);
                 }
             }
             if req.queues.len() > 1 {
@@ -625,7 +625,7 @@ impl Store for SqliteStore {
         q.opt("correlation_id = ?", filter.correlation_id.clone());
         q.opt("updated_at >= ?", filter.updated_since.map(|t| t.as_millis()));
         q.opt("updated_at < ?", filter.updated_before.map(|t| t.as_millis()));
-        self.read(|c| q.page(c, "id", page.limit, |doc| decode_job(doc)))
+        self.read(|c| q.page(c, "id", page.limit, decode_job))
     }
 
     fn history(&self, scope: &Scope, filter: &HistoryFilter, page: PageRequest) -> Result<Page<Event>, StoreError> {
@@ -636,7 +636,7 @@ impl Store for SqliteStore {
         q.opt("correlation_id = ?", filter.correlation_id.clone());
         q.opt("at >= ?", filter.since.map(|t| t.as_millis()));
         q.opt("at < ?", filter.before.map(|t| t.as_millis()));
-        self.read(|c| q.page(c, "seq", page.limit, |line| decode_event(line)))
+        self.read(|c| q.page(c, "seq", page.limit, decode_event))
     }
 
     fn artifact(&self, scope: &Scope, job: JobId, name: &str) -> Result<(Artifact, Vec<u8>), StoreError> {

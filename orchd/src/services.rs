@@ -14,7 +14,7 @@ pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandl
     vec![spawn_periodic("lease-reaper", state.clone(), interval, stop, |state| async move {
         loop {
             match state.blocking(|s| s.reap_expired_leases(1_000)).await {
-                Ok(n) if n == 1_000 => continue, // more may be waiting
+                Ok(1_000) => continue, // more may be waiting
                 Ok(_) => break,
                 Err(e) => {
                     tracing::error!(error = %e, "lease reaper failed");
