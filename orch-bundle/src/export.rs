@@ -167,6 +167,7 @@ fn build(snap: &dyn SnapshotReader, opts: ExportOptions) -> Result<Exported, Exp
         rechainer.push(&mut e);
         let span = chains.entry(e.tenant.clone()).or_insert_with(|| ChainSpan {
             first_prev_hash: prev,
+            first_hash: e.hash.clone(),
             last_hash: String::new(),
             events: 0,
         });

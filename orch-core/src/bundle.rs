@@ -93,6 +93,8 @@ pub struct Producer {
 pub struct ChainSpan {
     /// `prev_hash` of the tenant's first included event.
     pub first_prev_hash: String,
+    /// `hash` of its first included event.
+    pub first_hash: String,
     /// `hash` of its last included event.
     pub last_hash: String,
     /// Included events of the tenant.

@@ -228,6 +228,7 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
     let mut verifier = ChainVerifier::resume(heads, base_map, manifest.from_seq.saturating_sub(1));
     let mut chain_ok = true;
     let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut firsts: BTreeMap<&str, &str> = BTreeMap::new();
     for (i, ev) in events.iter().enumerate() {
         if manifest.tenant.is_none() && ev.seq != manifest.from_seq + i as u64 {
             cx.fail("chain", format!("event {}", ev.seq), format!("expected seq {}", manifest.from_seq + i as u64));
@@ -249,6 +250,7 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
             break;
         }
         *counts.entry(ev.tenant.as_str()).or_default() += 1;
+        firsts.entry(ev.tenant.as_str()).or_insert(ev.hash.as_str());
     }
     if chain_ok {
         // A site bundle ends exactly at to_seq; a tenant's may end earlier (later events were
@@ -263,8 +265,12 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         }
         for (tenant, span) in &manifest.chains {
             let last = verifier.heads().get(tenant);
-            if last != Some(&span.last_hash) || counts.get(tenant.as_str()).copied().unwrap_or(0) != span.events {
-                cx.fail("chain", format!("tenant {tenant}"), "chain end or length differs from the manifest");
+            let first = firsts.get(tenant.as_str()).copied();
+            if last != Some(&span.last_hash)
+                || first != Some(span.first_hash.as_str())
+                || counts.get(tenant.as_str()).copied().unwrap_or(0) != span.events
+            {
+                cx.fail("chain", format!("tenant {tenant}"), "chain start, end or length differs from the manifest");
             }
         }
         if counts.len() != manifest.chains.len() {
