@@ -1,0 +1,218 @@
+//! `orch-bench`: how fast the ledger and the bundle tools are on this machine, measured against
+//! what the same hardware can do without our code (raw SQLite; sha256 + zstd alone).
+//!
+//! Prints a table and writes `target/bench/results.json`. Figures are wall-clock, single process.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use orch_core::{ManualClock, Timestamp};
+use orch_store::*;
+use serde_json::{json, Value};
+
+/// orch-bench — ledger and bundle benchmarks.
+#[derive(Parser)]
+struct Cli {
+    /// Job counts to run at (each ledger holds 3 events per job).
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+    jobs: Vec<usize>,
+    /// Where to write the results.
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: std::path::PathBuf,
+}
+
+const T0: Timestamp = Timestamp::from_millis(1_793_491_200_000);
+
+fn open(path: &Path) -> anyhow::Result<SqliteStore> {
+    let clock = Arc::new(ManualClock::new(T0));
+    Ok(SqliteStore::open(path, clock, StoreOptions::default(), Synchronous::Normal)?)
+}
+
+fn per_sec(n: usize, t: Instant) -> f64 {
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn enqueue(store: &SqliteStore, n: usize) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    for chunk in 0..n.div_ceil(100) {
+        let jobs = (0..100.min(n - chunk * 100))
+            .map(|i| NewJob::new(["acme", "globex"][i % 2], "bench", "ingest", json!({"url": "https://feeds.example/item", "n": chunk * 100 + i})))
+            .collect();
+        store.enqueue("bench", jobs)?;
+    }
+    Ok(per_sec(n, t))
+}
+
+fn claim_ack(store: &SqliteStore, n: usize, batch: usize) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let req = ClaimRequest { scope: Scope::All, queues: vec!["ingest".into()], worker: "w".into(), limit: batch.min(n - done), lease_ms: None };
+        let allocs = store.claim(&req)?;
+        anyhow::ensure!(!allocs.is_empty(), "ran out of jobs after {done}");
+        for a in allocs {
+            let lease_id = a.job.lease.map(|l| l.id).unwrap_or_default();
+            store.ack(&Scope::Tenant(a.job.tenant.clone()), a.job.id, Ack { lease_id, artifacts: vec![] })?;
+            done += 1;
+        }
+    }
+    Ok(per_sec(n, t))
+}
+
+/// The ceiling: bare `UPDATE … RETURNING` claims and acks, one history insert per change, no
+/// domain code. `batched_acks`: all acks of a claim in one transaction (else one each, as orch's
+/// API does).
+fn raw_claim_ack(path: &Path, n: usize, batch: usize, batched_acks: bool) -> anyhow::Result<f64> {
+    let mut c = rusqlite::Connection::open(path)?;
+    c.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+         CREATE TABLE jobs (id INTEGER PRIMARY KEY, queue TEXT, state TEXT, priority INTEGER, run_after INTEGER, lease TEXT);
+         CREATE INDEX ready ON jobs (queue, priority DESC, run_after, id) WHERE state = 'queued';
+         CREATE TABLE history (seq INTEGER PRIMARY KEY, job_id INTEGER, line TEXT);",
+    )?;
+    let line = "x".repeat(400);
+    {
+        let tx = c.transaction()?;
+        for i in 0..n {
+            tx.execute("INSERT INTO jobs (id, queue, state, priority, run_after) VALUES (?1, 'ingest', 'queued', 0, 0)", [i as i64 + 1])?;
+        }
+        tx.commit()?;
+    }
+    let t = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let ids: Vec<i64> = tx
+            .prepare_cached(
+                "UPDATE jobs SET state = 'running', lease = 'l' WHERE id IN
+                 (SELECT id FROM jobs WHERE state = 'queued' AND queue = 'ingest' AND run_after <= 1
+                  ORDER BY priority DESC, run_after, id LIMIT ?1) RETURNING id",
+            )?
+            .query_map([batch as i64], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for id in &ids {
+            tx.prepare_cached("INSERT INTO history (job_id, line) VALUES (?1, ?2)")?.execute(rusqlite::params![id, line])?;
+        }
+        tx.commit()?;
+        let ack = |tx: &rusqlite::Transaction<'_>, id: i64| -> rusqlite::Result<()> {
+            tx.prepare_cached("UPDATE jobs SET state = 'succeeded', lease = NULL WHERE id = ?1")?.execute([id])?;
+            tx.prepare_cached("INSERT INTO history (job_id, line) VALUES (?1, ?2)")?.execute(rusqlite::params![id, line])?;
+            Ok(())
+        };
+        if batched_acks {
+            let tx = c.transaction()?;
+            for id in &ids {
+                ack(&tx, *id)?;
+            }
+            tx.commit()?;
+        } else {
+            for id in &ids {
+                let tx = c.transaction()?;
+                ack(&tx, *id)?;
+                tx.commit()?;
+            }
+        }
+        done += ids.len();
+    }
+    Ok(per_sec(n, t))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut rows: Vec<Value> = Vec::new();
+    let mut table = vec![format!("{:<44} {:>10} {:>16} {:>10}", "benchmark", "jobs", "rate", "vs ceiling")];
+    let mut row = |name: &str, jobs: usize, value: f64, unit: &str, ceiling: Option<f64>| {
+        let ratio = ceiling.map(|c| value / c);
+        table.push(format!(
+            "{:<44} {:>10} {:>12.0} {:<4}{:>9}",
+            name,
+            jobs,
+            value,
+            unit,
+            ratio.map_or(String::new(), |r| format!("{:.0}%", r * 100.0))
+        ));
+        rows.push(json!({"name": name, "jobs": jobs, "value": value, "unit": unit, "ceiling": ceiling, "ratio": ratio}));
+    };
+    for &n in &cli.jobs {
+        let dir = tempfile::tempdir()?;
+        let ceiling1 = raw_claim_ack(&dir.path().join("raw1.db"), n.min(20_000), 1, false)?;
+        let ceiling100 = raw_claim_ack(&dir.path().join("raw100.db"), n, 100, true)?;
+        let ceiling100_single = raw_claim_ack(&dir.path().join("raw100s.db"), n, 100, false)?;
+        row("raw sqlite claim+ack, batch 1", n.min(20_000), ceiling1, "/s", None);
+        row("raw sqlite claim+ack, batch 100 (acks batched)", n, ceiling100, "/s", None);
+        row("raw sqlite claim+ack, batch 100 (ack per txn)", n, ceiling100_single, "/s", None);
+
+        let db = dir.path().join("ledger.db");
+        let store = open(&db)?;
+        let rate = enqueue(&store, n)?;
+        row("orch enqueue, batch 100", n, rate, "/s", None);
+        let first = n.min(20_000).min(n / 2);
+        let rate = claim_ack(&store, first, 1)?;
+        row("orch claim+ack, batch 1", first, rate, "/s", Some(ceiling1));
+        let rate = claim_ack(&store, n - first, 100)?;
+        row("orch claim+ack, batch 100 (vs batched acks)", n - first, rate, "/s", Some(ceiling100));
+        row("orch claim+ack, batch 100 (vs ack per txn)", n - first, rate, "/s", Some(ceiling100_single));
+
+        // Bundles over the resulting history (3 events per job).
+        let events = 3 * n;
+        let t = Instant::now();
+        let opts = orch_bundle::ExportOptions {
+            scope: Scope::All,
+            from_seq: 1,
+            to_seq: None,
+            site_id: Some("bench".into()),
+            anchor: None,
+            redactor: orch_core::bundle::Redactor::new(Default::default(), Vec::new()),
+            previous: None,
+        };
+        let exported = orch_bundle::export(&store, opts).context("export")?;
+        let key = orch_core::trust::SigningKey::from_seed([2; 32]);
+        let env = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), std::slice::from_ref(&key));
+        let bytes = exported.pack(&env)?;
+        let export_rate = per_sec(events, t);
+        let raw_size: usize = exported.files.values().map(Vec::len).sum();
+        row("export (read+replay+hash+pack), events", events, export_rate, "/s", None);
+        row("export, MB/s of bundle content", events, raw_size as f64 / 1e6 / t.elapsed().as_secs_f64(), "MB/s", None);
+
+        let root = {
+            let pubs = [key.public()];
+            orch_core::trust::Root::sign(orch_core::trust::RootSigned::new(1, "2036-01-01T00:00:00Z", (&pubs, 1), (&pubs, 1)), std::slice::from_ref(&key))
+        };
+        let opts = orch_verify::VerifyOptions { root, root_chain: Vec::new(), now: None, max_age_ms: None };
+        let t = Instant::now();
+        let report = orch_verify::verify(&bytes, &opts);
+        let verify_secs = t.elapsed().as_secs_f64();
+        anyhow::ensure!(report.ok, "verification failed: {:?}", report.failures);
+        // Ceiling: zstd decoding plus sha256 over the decoded bytes, nothing else.
+        let t = Instant::now();
+        let decoded = zstd::decode_all(bytes.as_slice())?;
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(&decoded);
+        std::hint::black_box(digest);
+        let ceiling_secs = t.elapsed().as_secs_f64();
+        row("verify, MB/s of bundle content", events, raw_size as f64 / 1e6 / verify_secs, "MB/s", Some(raw_size as f64 / 1e6 / ceiling_secs));
+        row("verify, events", events, events as f64 / verify_secs, "/s", None);
+
+        let lines: Vec<&[u8]> = exported.files[orch_core::bundle::HISTORY].split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+        let t = Instant::now();
+        let mut v = orch_core::chain::ChainVerifier::new();
+        for l in &lines {
+            let ev = orch_core::Event::from_line(std::str::from_utf8(l)?)?;
+            v.push(&ev)?;
+        }
+        row("replay (parse+hash+chain+apply), events", lines.len(), per_sec(lines.len(), t), "/s", None);
+        row("bundle size, bytes", n, bytes.len() as f64, "B", None);
+    }
+    for l in &table {
+        println!("{l}");
+    }
+    if let Some(dir) = cli.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let doc = json!({"machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)}, "results": rows});
+    std::fs::write(&cli.out, serde_json::to_string_pretty(&doc)? + "\n")?;
+    eprintln!("wrote {}", cli.out.display());
+    Ok(())
+}
