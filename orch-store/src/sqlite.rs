@@ -179,21 +179,14 @@ struct Writer<'t> {
     tx: &'t rusqlite::Transaction<'t>,
     now: orch_core::Timestamp,
     next_seq: Option<u64>,
-    heads: HashMap<String, String>,
+    /// Each tenant's chain head as this transaction moved it: (seq, hash).
+    heads: HashMap<String, (u64, String)>,
     opts: &'t StoreOptions,
 }
 
 impl Writer<'_> {
     fn load_job(&self, scope: &Scope, id: JobId) -> Result<Job, StoreError> {
-        let doc: Option<(String, String)> = self
-            .tx
-            .prepare_cached("SELECT tenant, doc FROM jobs WHERE id = ?1")?
-            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        match doc {
-            Some((tenant, doc)) if scope.allows(&tenant) => decode_job(&doc),
-            _ => Err(StoreError::NotFound(id)),
-        }
+        load_job(self.tx, scope, id)
     }
 
     fn draft(&self, job: &Job, actor: &str, kind: EventKind) -> EventDraft {
@@ -219,7 +212,7 @@ impl Writer<'_> {
     }
 
     fn head(&mut self, tenant: &str) -> Result<String, StoreError> {
-        if let Some(h) = self.heads.get(tenant) {
+        if let Some((_, h)) = self.heads.get(tenant) {
             return Ok(h.clone());
         }
         let h: Option<String> = self
@@ -256,7 +249,7 @@ impl Writer<'_> {
             self.write_job(job, prev.is_none())?;
         }
         self.next_seq = Some(seq + 1);
-        self.heads.insert(ev.tenant.clone(), ev.hash);
+        self.heads.insert(ev.tenant.clone(), (seq, ev.hash));
         Ok(job)
     }
 
@@ -298,9 +291,8 @@ impl Writer<'_> {
             "INSERT INTO tenants (id, head_seq, head_hash) VALUES (?1, ?2, ?3)
              ON CONFLICT (id) DO UPDATE SET head_seq = excluded.head_seq, head_hash = excluded.head_hash",
         )?;
-        let last = self.next_seq.map_or(0, |s| s - 1) as i64;
-        for (tenant, hash) in &self.heads {
-            stmt.execute(params![tenant, last, hash])?;
+        for (tenant, (seq, hash)) in &self.heads {
+            stmt.execute(params![tenant, *seq as i64, hash])?;
         }
         Ok(())
     }
@@ -335,6 +327,18 @@ fn transition_error(e: TransitionError) -> StoreError {
         TransitionError::InvalidState { .. } => StoreError::Conflict { job, reason: e.to_string() },
         TransitionError::InvalidSpec(..) => StoreError::Invalid(e.to_string()),
         _ => StoreError::Corrupt(e.to_string()),
+    }
+}
+
+/// One job, if it exists in the scope: another tenant's job is `NotFound`, like a missing one.
+fn load_job(c: &Connection, scope: &Scope, id: JobId) -> Result<Job, StoreError> {
+    let doc: Option<(String, String)> = c
+        .prepare_cached("SELECT tenant, doc FROM jobs WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match doc {
+        Some((tenant, doc)) if scope.allows(&tenant) => decode_job(&doc),
+        _ => Err(StoreError::NotFound(id)),
     }
 }
 
@@ -603,16 +607,7 @@ impl Store for SqliteStore {
     }
 
     fn job(&self, scope: &Scope, id: JobId) -> Result<Job, StoreError> {
-        self.read(|c| {
-            let doc: Option<(String, String)> = c
-                .prepare_cached("SELECT tenant, doc FROM jobs WHERE id = ?1")?
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            match doc {
-                Some((tenant, doc)) if scope.allows(&tenant) => decode_job(&doc),
-                _ => Err(StoreError::NotFound(id)),
-            }
-        })
+        self.read(|c| load_job(c, scope, id))
     }
 
     fn jobs(&self, scope: &Scope, filter: &JobFilter, page: PageRequest) -> Result<Page<Job>, StoreError> {
