@@ -72,7 +72,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print a bundle's manifest in readable form.
+    /// Print a bundle's manifest: a readable summary, then the manifest itself. Verifies nothing
+    /// (that is orch-verify's job).
     Inspect {
         /// The bundle.
         file: PathBuf,
@@ -213,7 +214,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { file } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let m = orch_bundle::keys::read_manifest(&bytes)?;
-            println!("{}", serde_json::to_string_pretty(&m)?);
+            println!("format      {} (written by {} {})", m.format, m.producer.name, m.producer.version);
+            println!("site        {}", m.site_id);
+            println!("scope       {}", m.tenant.as_deref().unwrap_or("whole site"));
+            println!("events      seq {}..={}, {} in the Merkle tree, root {}", m.from_seq, m.to_seq, m.merkle.leaves, m.merkle.root);
+            println!("anchor      {} ({})", m.time_anchor.at, m.time_anchor.source);
+            if let Some(p) = &m.previous {
+                println!("continues   bundle ending at seq {} (manifest sha256 {})", p.to_seq, p.manifest_sha256);
+            }
+            println!("redaction   {} value(s), key {}", m.redaction.redacted_values, m.redaction.key_id);
+            println!("compression {} level {} (library {})", m.compression.algorithm, m.compression.level, m.compression.library_version);
+            for (tenant, c) in &m.chains {
+                println!("chain       {tenant}: {} event(s), {} .. {}", c.events, &c.first_hash[..16], &c.last_hash[..16]);
+            }
+            for (name, f) in &m.files {
+                println!("file        {name}: {} bytes, {} lines, sha256 {}", f.size, f.lines, f.sha256);
+            }
+            println!("\n{}", serde_json::to_string_pretty(&m)?);
         }
     }
     Ok(())

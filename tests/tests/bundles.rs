@@ -185,6 +185,17 @@ fn cli_export_verify_inspect_prove() {
     let (code, out, _) = run("orch-bundle", &["inspect", &p("a.tar.zst")]);
     assert_eq!(code, 0);
     assert!(out.contains("\"format\": \"orch-bundle/1\""), "{out}");
+    assert!(out.starts_with("format      orch-bundle/1"), "{out}");
+    assert!(out.contains("chain       acme: "), "{out}");
+    // The same bytes under another time zone and umask.
+    let script = format!(
+        "umask 077; TZ=Pacific/Chatham {} export --db {db} --key {} --out {}",
+        orch_e2e::bin("orch-bundle").display(),
+        p("keys/signer.key"),
+        p("tz.tar.zst")
+    );
+    assert!(std::process::Command::new("sh").arg("-c").arg(script).status().unwrap().success());
+    assert_eq!(std::fs::read(p("tz.tar.zst")).unwrap(), std::fs::read(p("a.tar.zst")).unwrap(), "time zone or umask changed the bytes");
     // A proof for one event, checked alone and against the signed bundle.
     let (code, proof, err) = run("orch-verify", &["prove", &p("a.tar.zst"), "--event", "7"]);
     assert_eq!(code, 0, "{err}");
