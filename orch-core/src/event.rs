@@ -182,6 +182,11 @@ pub enum EventError {
 impl EventDraft {
     /// Seals the draft as event `seq`, chained after `prev_hash`.
     pub fn seal(self, seq: u64, prev_hash: &str) -> Event {
+        self.seal_with_line(seq, prev_hash).0
+    }
+
+    /// Seals the draft and returns its `history.jsonl` line too, encoding the event once.
+    pub fn seal_with_line(self, seq: u64, prev_hash: &str) -> (Event, String) {
         let mut ev = Event {
             seq,
             at: self.at,
@@ -194,8 +199,15 @@ impl EventDraft {
             prev_hash: prev_hash.to_string(),
             hash: String::new(),
         };
-        ev.hash = ev.compute_hash();
-        ev
+        let mut v = serde_json::to_value(&ev).expect("events always encode");
+        if let Some(obj) = v.as_object_mut() {
+            obj.remove("hash");
+        }
+        ev.hash = sha256_hex(&canonical::value_to_vec(&v));
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("hash".into(), Value::String(ev.hash.clone()));
+        }
+        (ev, canonical::value_to_string(&v))
     }
 }
 
@@ -263,6 +275,7 @@ mod tests {
         let mut tampered = back.clone();
         tampered.actor = "mallory".into();
         assert!(!tampered.hash_is_valid());
+        assert_eq!(draft().seal_with_line(1, GENESIS_HASH).1, line, "one encoding, same line");
         let mut rechained = back;
         rechained.prev_hash = "1".repeat(64);
         assert!(!rechained.hash_is_valid());

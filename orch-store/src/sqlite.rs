@@ -228,7 +228,7 @@ impl Writer<'_> {
     fn record(&mut self, draft: EventDraft, prev: Option<&Job>) -> Result<Option<Job>, StoreError> {
         let seq = self.next_seq()?;
         let prev_hash = self.head(&draft.tenant)?;
-        let ev = draft.seal(seq, &prev_hash);
+        let (ev, line) = draft.seal_with_line(seq, &prev_hash);
         let job = apply(prev, &ev).map_err(transition_error)?;
         self.tx
             .prepare_cached(
@@ -243,7 +243,7 @@ impl Writer<'_> {
                 ev.at.as_millis(),
                 ev.correlation_id,
                 ev.hash,
-                ev.to_line(),
+                line,
             ])?;
         if let Some(job) = &job {
             self.write_job(job, prev.is_none())?;
