@@ -209,66 +209,80 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         cx.fail("files", bundle::SHA256SUMS, "does not match the manifest's digests");
     }
 
-    // History: hashes, per-tenant chains, sequence range, Merkle root.
+    // History, in one pass over its lines, keeping no parsed event: each line is a Merkle leaf;
+    // each event's hash, tenant link and sequence are checked and it is replayed.
     cx.check("chain");
-    let events: Vec<Event> = match parse_lines(file(bundle::HISTORY), bundle::HISTORY) {
-        Ok(v) => v,
-        Err((entry, msg)) => {
-            cx.fail("chain", entry, msg);
-            return None;
-        }
-    };
     let base: Vec<Job> = parse_lines(file(bundle::BASE), bundle::BASE).unwrap_or_else(|(entry, msg)| {
         cx.fail("replay", entry, msg);
         Vec::new()
     });
     let heads: BTreeMap<String, String> =
         manifest.chains.iter().map(|(t, s)| (t.clone(), s.first_prev_hash.clone())).collect();
-    let base_map: BTreeMap<JobId, Job> = base.iter().map(|j| (j.id, j.clone())).collect();
+    let base_map: BTreeMap<JobId, Job> = base.into_iter().map(|j| (j.id, j)).collect();
     let mut verifier = ChainVerifier::resume(heads, base_map, manifest.from_seq.saturating_sub(1));
     let mut chain_ok = true;
-    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut firsts: BTreeMap<&str, &str> = BTreeMap::new();
-    for (i, ev) in events.iter().enumerate() {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut firsts: BTreeMap<String, String> = BTreeMap::new();
+    let mut touched: BTreeSet<JobId> = BTreeSet::new();
+    let mut last: Option<(u64, Timestamp)> = None;
+    let mut merkle = orch_core::merkle::MerkleBuilder::new();
+    let history = file(bundle::HISTORY);
+    if !history.is_empty() && !history.ends_with(b"\n") {
+        cx.fail("chain", bundle::HISTORY, "last line is not newline-terminated");
+        chain_ok = false;
+    }
+    for (i, line) in history.split(|&b| b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+        merkle.push_leaf(line);
+        if !chain_ok {
+            continue;
+        }
+        let ev = match std::str::from_utf8(line).map_err(|e| e.to_string()).and_then(|l| Event::from_line(l).map_err(|e| e.to_string())) {
+            Ok(ev) => ev,
+            Err(e) => {
+                cx.fail("chain", format!("{}:{}", bundle::HISTORY, i + 1), e);
+                chain_ok = false;
+                continue;
+            }
+        };
         if manifest.tenant.is_none() && ev.seq != manifest.from_seq + i as u64 {
             cx.fail("chain", format!("event {}", ev.seq), format!("expected seq {}", manifest.from_seq + i as u64));
             chain_ok = false;
-            break;
+            continue;
         }
         if let Some(t) = &manifest.tenant {
             if &ev.tenant != t {
                 cx.fail("chain", format!("event {}", ev.seq), format!("tenant {:?} in a bundle of tenant {t:?}", ev.tenant));
             }
         }
-        if let Err(e) = verifier.push(ev) {
+        if let Err(e) = verifier.push(&ev) {
             let (check, entry) = match &e {
                 orch_core::chain::ChainError::Replay(r) => ("replay", format!("event {}", r.seq)),
                 _ => ("chain", format!("event {}", ev.seq)),
             };
             cx.fail(check, entry, e.to_string());
             chain_ok = false;
-            break;
+            continue;
         }
-        *counts.entry(ev.tenant.as_str()).or_default() += 1;
-        firsts.entry(ev.tenant.as_str()).or_insert(ev.hash.as_str());
+        *counts.entry(ev.tenant.clone()).or_default() += 1;
+        firsts.entry(ev.tenant.clone()).or_insert_with(|| ev.hash.clone());
+        touched.extend(ev.job_id);
+        last = Some((ev.seq, ev.at));
     }
     if chain_ok {
         // A site bundle ends exactly at to_seq; a tenant's may end earlier (later events were
         // other tenants'), never later.
-        let last = events.last().map(|e| e.seq);
+        let last_seq = last.map(|(s, _)| s);
         let ends_ok = match manifest.tenant {
-            None => last == Some(manifest.to_seq),
-            Some(_) => last.is_some_and(|l| l <= manifest.to_seq),
+            None => last_seq == Some(manifest.to_seq),
+            Some(_) => last_seq.is_some_and(|l| l <= manifest.to_seq),
         };
         if !ends_ok {
             cx.fail("chain", bundle::HISTORY, format!("does not end at seq {}", manifest.to_seq));
         }
         for (tenant, span) in &manifest.chains {
-            let last = verifier.heads().get(tenant);
-            let first = firsts.get(tenant.as_str()).copied();
-            if last != Some(&span.last_hash)
-                || first != Some(span.first_hash.as_str())
-                || counts.get(tenant.as_str()).copied().unwrap_or(0) != span.events
+            if verifier.heads().get(tenant) != Some(&span.last_hash)
+                || firsts.get(tenant) != Some(&span.first_hash)
+                || counts.get(tenant).copied().unwrap_or(0) != span.events
             {
                 cx.fail("chain", format!("tenant {tenant}"), "chain start, end or length differs from the manifest");
             }
@@ -278,21 +292,20 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         }
     }
     cx.check("merkle");
-    let leaves: Vec<[u8; 32]> = file(bundle::HISTORY)
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(orch_core::merkle::leaf_hash)
-        .collect();
-    let root_hex = hex::encode(orch_core::merkle::root(&leaves));
-    if root_hex != manifest.merkle.root || leaves.len() as u64 != manifest.merkle.leaves {
-        cx.fail("merkle", bundle::HISTORY, format!("root {root_hex} over {} leaves, manifest says {} over {}", leaves.len(), manifest.merkle.root, manifest.merkle.leaves));
+    let root_hex = hex::encode(merkle.root());
+    if root_hex != manifest.merkle.root || merkle.len() != manifest.merkle.leaves {
+        cx.fail(
+            "merkle",
+            bundle::HISTORY,
+            format!("root {root_hex} over {} leaves, manifest says {} over {}", merkle.len(), manifest.merkle.root, manifest.merkle.leaves),
+        );
     }
 
     // Time anchor staleness.
     cx.check("anchor");
-    if let Some(last) = events.last() {
-        if manifest.time_anchor.at < last.at {
-            cx.fail("anchor", "time_anchor", format!("anchor {} is before the last event ({})", manifest.time_anchor.at, last.at));
+    if let Some((_, at)) = last {
+        if manifest.time_anchor.at < at {
+            cx.fail("anchor", "time_anchor", format!("anchor {} is before the last event ({at})", manifest.time_anchor.at));
         }
     }
     if let (Some(now), Some(max)) = (opts.now, opts.max_age_ms) {
@@ -309,7 +322,6 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         Vec::new()
     });
     if chain_ok {
-        let touched: BTreeSet<JobId> = events.iter().filter_map(|e| e.job_id).collect();
         let replayed: BTreeMap<JobId, Job> =
             verifier.jobs().iter().filter(|(id, _)| touched.contains(id)).map(|(id, j)| (*id, j.clone())).collect();
         if let Some(d) = orch_core::chain::first_job_difference(&replayed, &jobs) {
@@ -323,7 +335,7 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         tenant: manifest.tenant.clone(),
         from_seq: manifest.from_seq,
         to_seq: manifest.to_seq,
-        events: events.len() as u64,
+        events: merkle.len(),
         jobs: jobs.len() as u64,
         merkle_root: manifest.merkle.root.clone(),
         anchor: manifest.time_anchor.at,
