@@ -39,7 +39,14 @@ fn enqueue(store: &SqliteStore, n: usize) -> anyhow::Result<f64> {
     let t = Instant::now();
     for chunk in 0..n.div_ceil(100) {
         let jobs = (0..100.min(n - chunk * 100))
-            .map(|i| NewJob::new(["acme", "globex"][i % 2], "bench", "ingest", json!({"url": "https://feeds.example/item", "n": chunk * 100 + i})))
+            .map(|i| {
+                NewJob::new(
+                    ["acme", "globex"][i % 2],
+                    "bench",
+                    "ingest",
+                    json!({"url": "https://feeds.example/item", "n": chunk * 100 + i}),
+                )
+            })
             .collect();
         store.enqueue("bench", jobs)?;
     }
@@ -50,7 +57,13 @@ fn claim_ack(store: &SqliteStore, n: usize, batch: usize) -> anyhow::Result<f64>
     let t = Instant::now();
     let mut done = 0;
     while done < n {
-        let req = ClaimRequest { scope: Scope::All, queues: vec!["ingest".into()], worker: "w".into(), limit: batch.min(n - done), lease_ms: None };
+        let req = ClaimRequest {
+            scope: Scope::All,
+            queues: vec!["ingest".into()],
+            worker: "w".into(),
+            limit: batch.min(n - done),
+            lease_ms: None,
+        };
         let allocs = store.claim(&req)?;
         anyhow::ensure!(!allocs.is_empty(), "ran out of jobs after {done}");
         for a in allocs {
@@ -77,7 +90,10 @@ fn raw_claim_ack(path: &Path, n: usize, batch: usize, batched_acks: bool) -> any
     {
         let tx = c.transaction()?;
         for i in 0..n {
-            tx.execute("INSERT INTO jobs (id, queue, state, priority, run_after) VALUES (?1, 'ingest', 'queued', 0, 0)", [i as i64 + 1])?;
+            tx.execute(
+                "INSERT INTO jobs (id, queue, state, priority, run_after) VALUES (?1, 'ingest', 'queued', 0, 0)",
+                [i as i64 + 1],
+            )?;
         }
         tx.commit()?;
     }
@@ -94,12 +110,14 @@ fn raw_claim_ack(path: &Path, n: usize, batch: usize, batched_acks: bool) -> any
             .query_map([batch as i64], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         for id in &ids {
-            tx.prepare_cached("INSERT INTO history (job_id, line) VALUES (?1, ?2)")?.execute(rusqlite::params![id, line])?;
+            tx.prepare_cached("INSERT INTO history (job_id, line) VALUES (?1, ?2)")?
+                .execute(rusqlite::params![id, line])?;
         }
         tx.commit()?;
         let ack = |tx: &rusqlite::Transaction<'_>, id: i64| -> rusqlite::Result<()> {
             tx.prepare_cached("UPDATE jobs SET state = 'succeeded', lease = NULL WHERE id = ?1")?.execute([id])?;
-            tx.prepare_cached("INSERT INTO history (job_id, line) VALUES (?1, ?2)")?.execute(rusqlite::params![id, line])?;
+            tx.prepare_cached("INSERT INTO history (job_id, line) VALUES (?1, ?2)")?
+                .execute(rusqlite::params![id, line])?;
             Ok(())
         };
         if batched_acks {
@@ -134,7 +152,9 @@ fn main() -> anyhow::Result<()> {
             unit,
             ratio.map_or(String::new(), |r| format!("{:.0}%", r * 100.0))
         ));
-        rows.push(json!({"name": name, "jobs": jobs, "value": value, "unit": unit, "ceiling": ceiling, "ratio": ratio}));
+        rows.push(
+            json!({"name": name, "jobs": jobs, "value": value, "unit": unit, "ceiling": ceiling, "ratio": ratio}),
+        );
     };
     for &n in &cli.jobs {
         let dir = tempfile::tempdir()?;
@@ -179,7 +199,10 @@ fn main() -> anyhow::Result<()> {
 
         let root = {
             let pubs = [key.public()];
-            orch_core::trust::Root::sign(orch_core::trust::RootSigned::new(1, "2036-01-01T00:00:00Z", (&pubs, 1), (&pubs, 1)), std::slice::from_ref(&key))
+            orch_core::trust::Root::sign(
+                orch_core::trust::RootSigned::new(1, "2036-01-01T00:00:00Z", (&pubs, 1), (&pubs, 1)),
+                std::slice::from_ref(&key),
+            )
         };
         let opts = orch_verify::VerifyOptions { root, root_chain: Vec::new(), now: None, max_age_ms: None };
         let t = Instant::now();
@@ -192,10 +215,17 @@ fn main() -> anyhow::Result<()> {
         let digest = <sha2::Sha256 as sha2::Digest>::digest(&decoded);
         std::hint::black_box(digest);
         let ceiling_secs = t.elapsed().as_secs_f64();
-        row("verify, MB/s of bundle content", events, raw_size as f64 / 1e6 / verify_secs, "MB/s", Some(raw_size as f64 / 1e6 / ceiling_secs));
+        row(
+            "verify, MB/s of bundle content",
+            events,
+            raw_size as f64 / 1e6 / verify_secs,
+            "MB/s",
+            Some(raw_size as f64 / 1e6 / ceiling_secs),
+        );
         row("verify, events", events, events as f64 / verify_secs, "/s", None);
 
-        let lines: Vec<&[u8]> = exported.files[orch_core::bundle::HISTORY].split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+        let lines: Vec<&[u8]> =
+            exported.files[orch_core::bundle::HISTORY].split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
         let t = Instant::now();
         let mut v = orch_core::chain::ChainVerifier::new();
         for l in &lines {

@@ -221,14 +221,10 @@ fn build(snap: &dyn SnapshotReader, opts: ExportOptions) -> Result<Exported, Exp
         Ok(())
     })?;
 
-    let files: BTreeMap<&'static str, Vec<u8>> = [
-        (bundle::BASE, base_file),
-        (bundle::HISTORY, history),
-        (bundle::JOBS, jobs),
-        (bundle::THROTTLES, throttles),
-    ]
-    .into_iter()
-    .collect();
+    let files: BTreeMap<&'static str, Vec<u8>> =
+        [(bundle::BASE, base_file), (bundle::HISTORY, history), (bundle::JOBS, jobs), (bundle::THROTTLES, throttles)]
+            .into_iter()
+            .collect();
     let anchor = match opts.anchor {
         Some(at) => TimeAnchor { at, source: "operator".into() },
         None => TimeAnchor { at: last_at.expect("non-empty"), source: "last-event".into() },

@@ -83,7 +83,10 @@ pub fn next_root(
     expires: Option<&str>,
 ) -> anyhow::Result<Root> {
     let keys_of = |role: &str| -> Vec<Key> {
-        old.signed.roles.get(role).map_or(Vec::new(), |r| r.keyids.iter().filter_map(|id| old.signed.keys.get(id).cloned()).collect())
+        old.signed
+            .roles
+            .get(role)
+            .map_or(Vec::new(), |r| r.keyids.iter().filter_map(|id| old.signed.keys.get(id).cloned()).collect())
     };
     let threshold_of = |role: &str| old.signed.roles.get(role).map_or(1, |r| r.threshold);
     let rk = if root_keys.is_empty() { keys_of(ROOT_ROLE) } else { root_keys.to_vec() };

@@ -167,15 +167,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !db.exists() {
                 bail!("{}: no such ledger", db.display());
             }
-            let keys = keys.iter().map(|p| orch_bundle::keys::read_signing_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
+            let keys =
+                keys.iter().map(|p| orch_bundle::keys::read_signing_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
             let previous = previous.map(|p| orch_bundle::keys::previous_link(&p)).transpose()?;
             let anchor = anchor.map(|a| Timestamp::parse(&a)).transpose()?;
             let redaction = match redaction_key {
                 Some(p) => std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
                 None => Vec::new(),
             };
-            let store = SqliteStore::open(&db, Arc::new(orch_bundle::keys::NoClock), Default::default(), Default::default())
-                .with_context(|| format!("opening {}", db.display()))?;
+            let store =
+                SqliteStore::open(&db, Arc::new(orch_bundle::keys::NoClock), Default::default(), Default::default())
+                    .with_context(|| format!("opening {}", db.display()))?;
             let progress = std::io::stderr().is_terminal();
             if progress {
                 eprint!("orch-bundle: reading ledger…");
@@ -208,7 +210,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 });
                 println!("{summary}");
             } else {
-                println!("{}: events {}..={} ({}), merkle root {}", out.display(), m.from_seq, m.to_seq, m.merkle.leaves, m.merkle.root);
+                println!(
+                    "{}: events {}..={} ({}), merkle root {}",
+                    out.display(),
+                    m.from_seq,
+                    m.to_seq,
+                    m.merkle.leaves,
+                    m.merkle.root
+                );
             }
         }
         Command::Inspect { file } => {
@@ -217,15 +226,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("format      {} (written by {} {})", m.format, m.producer.name, m.producer.version);
             println!("site        {}", m.site_id);
             println!("scope       {}", m.tenant.as_deref().unwrap_or("whole site"));
-            println!("events      seq {}..={}, {} in the Merkle tree, root {}", m.from_seq, m.to_seq, m.merkle.leaves, m.merkle.root);
+            println!(
+                "events      seq {}..={}, {} in the Merkle tree, root {}",
+                m.from_seq, m.to_seq, m.merkle.leaves, m.merkle.root
+            );
             println!("anchor      {} ({})", m.time_anchor.at, m.time_anchor.source);
             if let Some(p) = &m.previous {
                 println!("continues   bundle ending at seq {} (manifest sha256 {})", p.to_seq, p.manifest_sha256);
             }
             println!("redaction   {} value(s), key {}", m.redaction.redacted_values, m.redaction.key_id);
-            println!("compression {} level {} (library {})", m.compression.algorithm, m.compression.level, m.compression.library_version);
+            println!(
+                "compression {} level {} (library {})",
+                m.compression.algorithm, m.compression.level, m.compression.library_version
+            );
             for (tenant, c) in &m.chains {
-                println!("chain       {tenant}: {} event(s), {} .. {}", c.events, &c.first_hash[..16], &c.last_hash[..16]);
+                println!(
+                    "chain       {tenant}: {} event(s), {} .. {}",
+                    c.events,
+                    &c.first_hash[..16],
+                    &c.last_hash[..16]
+                );
             }
             for (name, f) in &m.files {
                 println!("file        {name}: {} bytes, {} lines, sha256 {}", f.size, f.lines, f.sha256);
@@ -257,7 +277,8 @@ fn root_command(cmd: RootCommand) -> anyhow::Result<()> {
             let old = read_root(&from)?;
             let rk = root_keys.iter().map(|p| read_public_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
             let bk = bundle_keys.iter().map(|p| read_public_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
-            let next = orch_bundle::keys::next_root(&old, &rk, root_threshold, &bk, bundle_threshold, expires.as_deref())?;
+            let next =
+                orch_bundle::keys::next_root(&old, &rk, root_threshold, &bk, bundle_threshold, expires.as_deref())?;
             write_atomic(&out, &orch_bundle::keys::root_file(&next))?;
             println!("{}: root version {} (unsigned)", out.display(), next.signed.version);
         }

@@ -244,7 +244,11 @@ impl Redactor {
             Value::Object(map) => Value::Object(
                 map.iter()
                     .map(|(k, item)| {
-                        let item = if self.is_secret_field(k) && !is_masked(item) { self.mask(item) } else { self.redact_value(item) };
+                        let item = if self.is_secret_field(k) && !is_masked(item) {
+                            self.mask(item)
+                        } else {
+                            self.redact_value(item)
+                        };
                         (k.clone(), item)
                     })
                     .collect(),

@@ -126,9 +126,7 @@ pub fn first_job_difference<'a>(
         }
         match rep.next_if(|r| r.id == job.id) {
             Some(r) if r == job => {}
-            r => {
-                return Some(JobDifference { id: job.id, replayed: r.cloned(), stored: Some(job.clone()) })
-            }
+            r => return Some(JobDifference { id: job.id, replayed: r.cloned(), stored: Some(job.clone()) }),
         }
     }
     rep.next().map(|r| JobDifference { id: r.id, replayed: Some(r.clone()), stored: None })

@@ -72,7 +72,10 @@ mod tests {
     #[test]
     fn pae_matches_the_spec_example() {
         // protocol.md: PAE("http://example.com/HelloWorld", "hello world")
-        assert_eq!(pae("http://example.com/HelloWorld", b"hello world"), b"DSSEv1 29 http://example.com/HelloWorld 11 hello world");
+        assert_eq!(
+            pae("http://example.com/HelloWorld", b"hello world"),
+            b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+        );
     }
 
     #[test]

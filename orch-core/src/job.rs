@@ -27,13 +27,8 @@ pub enum JobState {
 
 impl JobState {
     /// Every state, in life order.
-    pub const ALL: [JobState; 5] = [
-        JobState::Queued,
-        JobState::Running,
-        JobState::Succeeded,
-        JobState::Dead,
-        JobState::Cancelled,
-    ];
+    pub const ALL: [JobState; 5] =
+        [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Dead, JobState::Cancelled];
 
     /// The state's name as stored and exported.
     pub fn as_str(self) -> &'static str {

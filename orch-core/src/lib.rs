@@ -24,7 +24,7 @@ pub mod time;
 pub mod trust;
 
 pub use clock::{Clock, ManualClock};
-pub use event::{Event, EventKind, EventDraft};
+pub use event::{Event, EventDraft, EventKind};
 pub use job::{Artifact, Job, JobError, JobId, JobSpec, JobState, Lease};
 pub use machine::{apply, replay, TransitionError};
 pub use time::Timestamp;

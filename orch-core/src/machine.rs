@@ -122,11 +122,7 @@ pub fn apply(job: Option<&Job>, ev: &Event) -> Result<Option<Job>, TransitionErr
     if prev.tenant != ev.tenant {
         return Err(TransitionError::TenantMismatch(id, ev.tenant.clone()));
     }
-    let invalid = || TransitionError::InvalidState {
-        id,
-        state: prev.state.as_str(),
-        event: kind.type_name(),
-    };
+    let invalid = || TransitionError::InvalidState { id, state: prev.state.as_str(), event: kind.type_name() };
     let mut next = prev.clone();
     next.updated_at = ev.at;
     next.last_seq = ev.seq;
@@ -137,20 +133,12 @@ pub fn apply(job: Option<&Job>, ev: &Event) -> Result<Option<Job>, TransitionErr
                 return Err(invalid());
             }
             if *attempt != prev.attempt + 1 {
-                return Err(TransitionError::AttemptMismatch {
-                    id,
-                    expected: prev.attempt + 1,
-                    got: *attempt,
-                });
+                return Err(TransitionError::AttemptMismatch { id, expected: prev.attempt + 1, got: *attempt });
             }
             next.state = JobState::Running;
             next.attempt = *attempt;
             next.progress = None;
-            next.lease = Some(Lease {
-                id: lease_id.clone(),
-                worker: worker.clone(),
-                expires_at: *lease_expires_at,
-            });
+            next.lease = Some(Lease { id: lease_id.clone(), worker: worker.clone(), expires_at: *lease_expires_at });
         }
         EventKind::Heartbeat { lease_id, lease_expires_at, progress } => {
             let lease = live_lease(prev, lease_id, ev)?;
@@ -219,11 +207,7 @@ fn live_lease<'a>(job: &'a Job, lease_id: &str, ev: &Event) -> Result<&'a Lease,
 
 fn fail(next: &mut Job, class: &str, message: &str, retry_at: Option<crate::Timestamp>, ev: &Event) {
     next.lease = None;
-    next.last_error = Some(JobError {
-        class: class.to_string(),
-        message: message.to_string(),
-        attempt: next.attempt,
-    });
+    next.last_error = Some(JobError { class: class.to_string(), message: message.to_string(), attempt: next.attempt });
     match retry_at {
         Some(at) => {
             next.state = JobState::Queued;

@@ -191,19 +191,10 @@ mod tests {
 
     /// The RFC 6962 test leaves used by Certificate Transparency implementations.
     fn rfc_leaves() -> Vec<Vec<u8>> {
-        [
-            "",
-            "00",
-            "10",
-            "2021",
-            "3031",
-            "40414243",
-            "5051525354555657",
-            "606162636465666768696a6b6c6d6e6f",
-        ]
-        .iter()
-        .map(|h| hex::decode(h).unwrap())
-        .collect()
+        ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"]
+            .iter()
+            .map(|h| hex::decode(h).unwrap())
+            .collect()
     }
 
     #[test]
@@ -222,10 +213,7 @@ mod tests {
         for (n, w) in want.iter().enumerate() {
             assert_eq!(hex::encode(root(&leaves[..=n])), *w, "size {}", n + 1);
         }
-        assert_eq!(
-            hex::encode(root(&[])),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(hex::encode(root(&[])), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     }
 
     #[test]

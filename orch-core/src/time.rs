@@ -31,10 +31,8 @@ impl Timestamp {
 
     /// Parses an RFC 3339 instant (any offset; converted to UTC, truncated to milliseconds).
     pub fn parse(s: &str) -> Result<Self, TimestampError> {
-        let dt = DateTime::parse_from_rfc3339(s).map_err(|e| TimestampError {
-            input: s.to_string(),
-            reason: e.to_string(),
-        })?;
+        let dt = DateTime::parse_from_rfc3339(s)
+            .map_err(|e| TimestampError { input: s.to_string(), reason: e.to_string() })?;
         Ok(Timestamp(dt.timestamp_millis()))
     }
 }

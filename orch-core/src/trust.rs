@@ -99,11 +99,7 @@ pub struct KeyVal {
 impl Key {
     /// The key object of an Ed25519 public key.
     pub fn ed25519(public: &[u8; 32]) -> Key {
-        Key {
-            keytype: "ed25519".into(),
-            scheme: "ed25519".into(),
-            keyval: KeyVal { public: hex::encode(public) },
-        }
+        Key { keytype: "ed25519".into(), scheme: "ed25519".into(), keyval: KeyVal { public: hex::encode(public) } }
     }
 
     /// The key id: hex SHA-256 of the key object's canonical JSON (as TUF computes it).
@@ -236,7 +232,10 @@ impl RootSigned {
             }
             Role { keyids: ids, threshold }
         };
-        let roles = BTreeMap::from([(ROOT_ROLE.to_string(), role(root.0, root.1)), (BUNDLE_ROLE.to_string(), role(bundle.0, bundle.1))]);
+        let roles = BTreeMap::from([
+            (ROOT_ROLE.to_string(), role(root.0, root.1)),
+            (BUNDLE_ROLE.to_string(), role(bundle.0, bundle.1)),
+        ]);
         RootSigned {
             type_: "root".into(),
             spec_version: "1.0.0".into(),
@@ -263,7 +262,10 @@ impl RootSigned {
     ) -> Result<Vec<String>, TrustError> {
         let r = self.roles.get(role).ok_or_else(|| TrustError::NoRole { version: self.version, role: role.into() })?;
         if r.threshold == 0 {
-            return Err(TrustError::Invalid { version: self.version, reason: format!("role {role:?} has threshold 0") });
+            return Err(TrustError::Invalid {
+                version: self.version,
+                reason: format!("role {role:?} has threshold 0"),
+            });
         }
         let role_keys: Vec<(&String, &Key)> =
             r.keyids.iter().filter_map(|id| self.keys.get(id).filter(|k| &k.key_id() == id).map(|k| (id, k))).collect();
@@ -290,7 +292,8 @@ impl RootSigned {
 
     /// The expiry instant.
     pub fn expires_at(&self) -> Result<Timestamp, TrustError> {
-        Timestamp::parse(&self.expires).map_err(|e| TrustError::Invalid { version: self.version, reason: e.to_string() })
+        Timestamp::parse(&self.expires)
+            .map_err(|e| TrustError::Invalid { version: self.version, reason: e.to_string() })
     }
 }
 
@@ -315,13 +318,20 @@ impl Root {
     /// Checks this root's signatures against `by`'s root role (itself, or its predecessor).
     pub fn verify_signed_by(&self, by: &RootSigned) -> Result<Vec<String>, TrustError> {
         let msg = self.signed.signing_bytes();
-        by.verify_role(ROOT_ROLE, &msg, self.signatures.iter().map(|s| (s.keyid.as_str(), hex::decode(&s.sig).unwrap_or_default())))
+        by.verify_role(
+            ROOT_ROLE,
+            &msg,
+            self.signatures.iter().map(|s| (s.keyid.as_str(), hex::decode(&s.sig).unwrap_or_default())),
+        )
     }
 
     /// Checks the root is signed by a threshold of its own root keys and is well-formed.
     pub fn verify_self(&self) -> Result<(), TrustError> {
         if self.signed.type_ != "root" {
-            return Err(TrustError::Invalid { version: self.signed.version, reason: format!("_type {:?}", self.signed.type_) });
+            return Err(TrustError::Invalid {
+                version: self.signed.version,
+                reason: format!("_type {:?}", self.signed.type_),
+            });
         }
         self.signed.expires_at()?;
         self.verify_signed_by(&self.signed).map(|_| ())
@@ -364,7 +374,11 @@ pub fn verify_envelope(env: &Envelope, root: &Root, role: &str) -> Result<Vec<St
     use base64::Engine;
     let msg = env.pae().map_err(|e| TrustError::Invalid { version: root.signed.version, reason: e.to_string() })?;
     let b64 = base64::engine::general_purpose::STANDARD;
-    root.signed.verify_role(role, &msg, env.signatures.iter().map(|s| (s.keyid.as_str(), b64.decode(&s.sig).unwrap_or_default())))
+    root.signed.verify_role(
+        role,
+        &msg,
+        env.signatures.iter().map(|s| (s.keyid.as_str(), b64.decode(&s.sig).unwrap_or_default())),
+    )
 }
 
 #[cfg(test)]
@@ -462,7 +476,10 @@ mod tests {
         let a = key(1);
         let r = root(1, &[&a], 1, &[&a]);
         assert!(check_expiry(&r, Timestamp::parse("2029-12-31T23:59:59Z").unwrap()).is_ok());
-        assert!(matches!(check_expiry(&r, Timestamp::parse("2030-01-01T00:00:00Z").unwrap()), Err(TrustError::Expired { .. })));
+        assert!(matches!(
+            check_expiry(&r, Timestamp::parse("2030-01-01T00:00:00Z").unwrap()),
+            Err(TrustError::Expired { .. })
+        ));
     }
 
     #[test]
@@ -470,7 +487,8 @@ mod tests {
         let (a, b) = (key(1), key(2));
         let pubs = [a.public()];
         let bundle = [b.public()];
-        let r = Root::sign(RootSigned::new(1, "2030-01-01T00:00:00Z", (&pubs, 1), (&bundle, 1)), std::slice::from_ref(&a));
+        let r =
+            Root::sign(RootSigned::new(1, "2030-01-01T00:00:00Z", (&pubs, 1), (&bundle, 1)), std::slice::from_ref(&a));
         let env = Envelope::sign("t", b"m", std::slice::from_ref(&b));
         assert_eq!(verify_envelope(&env, &r, BUNDLE_ROLE).unwrap(), vec![b.key_id()]);
         // A root key is not a bundle key.

@@ -88,7 +88,11 @@ pub fn enqueue_claim_heartbeat_ack(h: Harness) {
     h.clock.advance(Duration::from_secs(8)); // past the original expiry, within the extended one
     let ack = Ack {
         lease_id: lease.id,
-        artifacts: vec![ArtifactInput { name: "out.json".into(), media_type: "application/json".into(), content: b"{}".to_vec() }],
+        artifacts: vec![ArtifactInput {
+            name: "out.json".into(),
+            media_type: "application/json".into(),
+            content: b"{}".to_vec(),
+        }],
     };
     let done = h.store.ack(&t("acme"), job.id, ack).unwrap();
     assert_eq!(done.state, JobState::Succeeded);
@@ -147,14 +151,26 @@ pub fn fail_retry_dead_letter(h: Harness) {
     let job2 = enqueue_one(&h, "acme", "ingest");
     let a = claim(&h, "acme", "ingest", 1);
     let lease = a[0].job.lease.clone().unwrap().id;
-    let f = Failure { lease_id: lease, class: "http_429".into(), message: "slow down".into(), retryable: true, retry_after_ms: Some(30_000) };
+    let f = Failure {
+        lease_id: lease,
+        class: "http_429".into(),
+        message: "slow down".into(),
+        retryable: true,
+        retry_after_ms: Some(30_000),
+    };
     let after = h.store.fail(&t("acme"), job2.id, f).unwrap();
     let delay = after.spec.run_after - h.clock.now();
     assert!((30_000..=33_000).contains(&delay), "hinted delay {delay}");
     h.clock.advance(Duration::from_secs(40));
     let a = claim(&h, "acme", "ingest", 1);
     let lease = a[0].job.lease.clone().unwrap().id;
-    let f = Failure { lease_id: lease, class: "schema_mismatch".into(), message: "bad".into(), retryable: false, retry_after_ms: None };
+    let f = Failure {
+        lease_id: lease,
+        class: "schema_mismatch".into(),
+        message: "bad".into(),
+        retryable: false,
+        retry_after_ms: None,
+    };
     assert_eq!(h.store.fail(&t("acme"), job2.id, f).unwrap().state, JobState::Dead);
 
     // An operator retry puts it back with fresh attempts.
@@ -259,7 +275,13 @@ pub fn claim_order_and_run_after(h: Harness) {
     let e = h.store.enqueue("test", vec![a, b]).unwrap();
     let got: Vec<_> = h
         .store
-        .claim(&ClaimRequest { scope: t("acme"), queues: vec!["a".into(), "b".into()], worker: "w".into(), limit: 1, lease_ms: Some(1_000) })
+        .claim(&ClaimRequest {
+            scope: t("acme"),
+            queues: vec!["a".into(), "b".into()],
+            worker: "w".into(),
+            limit: 1,
+            lease_ms: Some(1_000),
+        })
         .unwrap()
         .iter()
         .map(|a| a.job.id)
@@ -303,7 +325,13 @@ pub fn bad_input_changes_nothing(h: Harness) {
     let mut big = good;
     big.payload = json!("x".repeat(2 << 20));
     assert!(matches!(h.store.enqueue("test", vec![big]), Err(StoreError::Invalid(_))));
-    let silly_lease = ClaimRequest { scope: Scope::All, queues: vec!["ingest".into()], worker: "w".into(), limit: 1, lease_ms: Some(0) };
+    let silly_lease = ClaimRequest {
+        scope: Scope::All,
+        queues: vec!["ingest".into()],
+        worker: "w".into(),
+        limit: 1,
+        lease_ms: Some(0),
+    };
     assert!(matches!(h.store.claim(&silly_lease), Err(StoreError::Invalid(_))));
     assert_eq!(h.store.stats(&Scope::All).unwrap(), before, "nothing written");
     assert_ledger_ok(&h);
@@ -394,11 +422,17 @@ pub fn replay_reproduces_jobs(h: Harness, ops: Vec<Op>) {
     const TENANTS: [&str; 3] = ["acme", "globex", "initech"];
     let running = |h: &Harness| -> Vec<orch_core::Job> {
         h.store
-            .jobs(&Scope::All, &JobFilter { state: Some(JobState::Running), ..Default::default() }, PageRequest { after: 0, limit: 1000 })
+            .jobs(
+                &Scope::All,
+                &JobFilter { state: Some(JobState::Running), ..Default::default() },
+                PageRequest { after: 0, limit: 1000 },
+            )
             .unwrap()
             .items
     };
-    let all = |h: &Harness| h.store.jobs(&Scope::All, &JobFilter::default(), PageRequest { after: 0, limit: 1000 }).unwrap().items;
+    let all = |h: &Harness| {
+        h.store.jobs(&Scope::All, &JobFilter::default(), PageRequest { after: 0, limit: 1000 }).unwrap().items
+    };
     for op in ops {
         match op {
             Op::Enqueue(ti, key) => {
@@ -408,7 +442,13 @@ pub fn replay_reproduces_jobs(h: Harness, ops: Vec<Op>) {
                 h.store.enqueue("test", vec![nj]).unwrap();
             }
             Op::Claim(ti, n) => {
-                let req = ClaimRequest { scope: t(TENANTS[ti as usize]), queues: vec!["q".into()], worker: format!("w{ti}"), limit: n as usize, lease_ms: None };
+                let req = ClaimRequest {
+                    scope: t(TENANTS[ti as usize]),
+                    queues: vec!["q".into()],
+                    worker: format!("w{ti}"),
+                    limit: n as usize,
+                    lease_ms: None,
+                };
                 h.store.claim(&req).unwrap();
             }
             Op::Heartbeat(k) | Op::Ack(k) | Op::Fail(k, _) => {
@@ -420,9 +460,34 @@ pub fn replay_reproduces_jobs(h: Harness, ops: Vec<Op>) {
                 let lease_id = job.lease.clone().unwrap().id;
                 let scope = t(&job.tenant);
                 let res = match op {
-                    Op::Heartbeat(_) => h.store.heartbeat(&scope, job.id, Heartbeat { lease_id, progress: Some(json!(k)), extend_ms: None }),
-                    Op::Ack(_) => h.store.ack(&scope, job.id, Ack { lease_id, artifacts: vec![ArtifactInput { name: "a".into(), media_type: "text/plain".into(), content: vec![k] }] }),
-                    Op::Fail(_, retryable) => h.store.fail(&scope, job.id, Failure { lease_id, class: "other".into(), message: "m".into(), retryable, retry_after_ms: None }),
+                    Op::Heartbeat(_) => h.store.heartbeat(
+                        &scope,
+                        job.id,
+                        Heartbeat { lease_id, progress: Some(json!(k)), extend_ms: None },
+                    ),
+                    Op::Ack(_) => h.store.ack(
+                        &scope,
+                        job.id,
+                        Ack {
+                            lease_id,
+                            artifacts: vec![ArtifactInput {
+                                name: "a".into(),
+                                media_type: "text/plain".into(),
+                                content: vec![k],
+                            }],
+                        },
+                    ),
+                    Op::Fail(_, retryable) => h.store.fail(
+                        &scope,
+                        job.id,
+                        Failure {
+                            lease_id,
+                            class: "other".into(),
+                            message: "m".into(),
+                            retryable,
+                            retry_after_ms: None,
+                        },
+                    ),
                     _ => unreachable!(),
                 };
                 // An expired-but-unreaped lease is refused: that is correct behaviour too.
@@ -444,7 +509,10 @@ pub fn replay_reproduces_jobs(h: Harness, ops: Vec<Op>) {
                         r
                     }
                 };
-                assert!(matches!(res, Ok(_) | Err(StoreError::Conflict { .. }) | Err(StoreError::LeaseLost { .. })), "{res:?}");
+                assert!(
+                    matches!(res, Ok(_) | Err(StoreError::Conflict { .. }) | Err(StoreError::LeaseLost { .. })),
+                    "{res:?}"
+                );
             }
             Op::Advance(ms) => {
                 h.clock.advance(Duration::from_millis(ms as u64));

@@ -55,8 +55,7 @@ fn open_connection(path: &Path, create: bool, sync: Synchronous) -> Result<Conne
     }
     let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e))?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    let mode: String =
-        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| classify(path, e))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| classify(path, e))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Invalid(format!("{}: cannot switch to WAL mode (got {mode})", path.display())));
     }
@@ -94,7 +93,10 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         tracing::info!(version = i + 1, "applied ledger migration");
     }
     tx.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}"))?;
-    tx.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('site_id', ?1)", [format!("site-{}", &new_token()[..16])])?;
+    tx.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('site_id', ?1)",
+        [format!("site-{}", &new_token()[..16])],
+    )?;
     tx.commit()?;
     Ok(())
 }
@@ -407,11 +409,10 @@ impl Store for SqliteStore {
             let mut out = Vec::with_capacity(jobs.len());
             for j in jobs {
                 if let Some(key) = &j.idempotency_key {
-                    let existing: Option<String> = w
-                        .tx
-                        .prepare_cached("SELECT doc FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
-                        .query_row(params![j.tenant, key], |r| r.get(0))
-                        .optional()?;
+                    let existing: Option<String> =
+                        w.tx.prepare_cached("SELECT doc FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
+                            .query_row(params![j.tenant, key], |r| r.get(0))
+                            .optional()?;
                     if let Some(doc) = existing {
                         out.push(Enqueued { job: decode_job(&doc)?, created: false });
                         continue;
@@ -484,7 +485,11 @@ impl Store for SqliteStore {
             }
             if req.queues.len() > 1 {
                 candidates.sort_by(|a, b| {
-                    b.spec.priority.cmp(&a.spec.priority).then(a.spec.run_after.cmp(&b.spec.run_after)).then(a.id.cmp(&b.id))
+                    b.spec
+                        .priority
+                        .cmp(&a.spec.priority)
+                        .then(a.spec.run_after.cmp(&b.spec.run_after))
+                        .then(a.id.cmp(&b.id))
                 });
                 candidates.truncate(limit);
             }
@@ -537,7 +542,8 @@ impl Store for SqliteStore {
             let actor = lease_holder(&job);
             let metas: Vec<Artifact> =
                 ack.artifacts.iter().map(|a| Artifact::of_content(&a.name, &a.media_type, &a.content)).collect();
-            let draft = w.draft(&job, &actor, EventKind::Succeeded { lease_id: ack.lease_id, artifacts: metas.clone() });
+            let draft =
+                w.draft(&job, &actor, EventKind::Succeeded { lease_id: ack.lease_id, artifacts: metas.clone() });
             let job = w.record(draft, Some(&job))?.expect("ack changes a job");
             for (a, m) in ack.artifacts.iter().zip(&metas) {
                 w.tx.prepare_cached("INSERT OR IGNORE INTO artifacts (sha256, size, content) VALUES (?1, ?2, ?3)")?
@@ -584,9 +590,8 @@ impl Store for SqliteStore {
     #[instrument(skip_all)]
     fn reap_expired_leases(&self, limit: usize) -> Result<usize, StoreError> {
         self.write(|w| {
-            let docs: Vec<String> = w
-                .tx
-                .prepare_cached(
+            let docs: Vec<String> =
+                w.tx.prepare_cached(
                     "SELECT doc FROM jobs WHERE state = 'running' AND lease_expires_at <= ?1
                      ORDER BY lease_expires_at, id LIMIT ?2",
                 )?

@@ -28,7 +28,11 @@ pub fn read(bytes: &[u8]) -> Result<Entries, String> {
         let path = entry.path_bytes();
         let name = String::from_utf8_lossy(&path).into_owned();
         if !ALL_FILES.contains(&name.as_str()) {
-            let why = if name.contains("..") || name.starts_with('/') { "path escapes the bundle" } else { "unexpected entry" };
+            let why = if name.contains("..") || name.starts_with('/') {
+                "path escapes the bundle"
+            } else {
+                "unexpected entry"
+            };
             out.problems.push((name, why.into()));
             continue;
         }

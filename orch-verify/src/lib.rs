@@ -140,7 +140,11 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         }
     };
     if manifest.format != bundle::FORMAT {
-        cx.fail("manifest", bundle::MANIFEST, format!("format {:?}, this verifier reads {}", manifest.format, bundle::FORMAT));
+        cx.fail(
+            "manifest",
+            bundle::MANIFEST,
+            format!("format {:?}, this verifier reads {}", manifest.format, bundle::FORMAT),
+        );
         return None;
     }
     if orch_core::canonical::to_vec(&manifest).ok().as_deref() != Some(manifest_bytes.as_slice()) {
@@ -236,7 +240,10 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         if !chain_ok {
             continue;
         }
-        let ev = match std::str::from_utf8(line).map_err(|e| e.to_string()).and_then(|l| Event::from_line(l).map_err(|e| e.to_string())) {
+        let ev = match std::str::from_utf8(line)
+            .map_err(|e| e.to_string())
+            .and_then(|l| Event::from_line(l).map_err(|e| e.to_string()))
+        {
             Ok(ev) => ev,
             Err(e) => {
                 cx.fail("chain", format!("{}:{}", bundle::HISTORY, i + 1), e);
@@ -251,7 +258,11 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         }
         if let Some(t) = &manifest.tenant {
             if &ev.tenant != t {
-                cx.fail("chain", format!("event {}", ev.seq), format!("tenant {:?} in a bundle of tenant {t:?}", ev.tenant));
+                cx.fail(
+                    "chain",
+                    format!("event {}", ev.seq),
+                    format!("tenant {:?} in a bundle of tenant {t:?}", ev.tenant),
+                );
             }
         }
         if let Err(e) = verifier.push(&ev) {
@@ -297,7 +308,12 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         cx.fail(
             "merkle",
             bundle::HISTORY,
-            format!("root {root_hex} over {} leaves, manifest says {} over {}", merkle.len(), manifest.merkle.root, manifest.merkle.leaves),
+            format!(
+                "root {root_hex} over {} leaves, manifest says {} over {}",
+                merkle.len(),
+                manifest.merkle.root,
+                manifest.merkle.leaves
+            ),
         );
     }
 
@@ -305,13 +321,26 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
     cx.check("anchor");
     if let Some((_, at)) = last {
         if manifest.time_anchor.at < at {
-            cx.fail("anchor", "time_anchor", format!("anchor {} is before the last event ({at})", manifest.time_anchor.at));
+            cx.fail(
+                "anchor",
+                "time_anchor",
+                format!("anchor {} is before the last event ({at})", manifest.time_anchor.at),
+            );
         }
     }
     if let (Some(now), Some(max)) = (opts.now, opts.max_age_ms) {
         let age = now - manifest.time_anchor.at;
         if age > max as i64 {
-            cx.fail("anchor", "time_anchor", format!("anchor {} is {} s old, more than the allowed {} s", manifest.time_anchor.at, age / 1000, max / 1000));
+            cx.fail(
+                "anchor",
+                "time_anchor",
+                format!(
+                    "anchor {} is {} s old, more than the allowed {} s",
+                    manifest.time_anchor.at,
+                    age / 1000,
+                    max / 1000
+                ),
+            );
         }
     }
 
@@ -325,8 +354,14 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         let replayed: BTreeMap<JobId, Job> =
             verifier.jobs().iter().filter(|(id, _)| touched.contains(id)).map(|(id, j)| (*id, j.clone())).collect();
         if let Some(d) = orch_core::chain::first_job_difference(&replayed, &jobs) {
-            let show = |j: &Option<Job>| j.as_ref().map_or("nothing".to_string(), |j| serde_json::to_string(j).unwrap_or_default());
-            cx.fail("replay", format!("job {}", d.id), format!("replay gives {} but jobs.jsonl has {}", show(&d.replayed), show(&d.stored)));
+            let show = |j: &Option<Job>| {
+                j.as_ref().map_or("nothing".to_string(), |j| serde_json::to_string(j).unwrap_or_default())
+            };
+            cx.fail(
+                "replay",
+                format!("job {}", d.id),
+                format!("replay gives {} but jobs.jsonl has {}", show(&d.replayed), show(&d.stored)),
+            );
         }
     }
 

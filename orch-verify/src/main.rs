@@ -113,7 +113,10 @@ fn options(t: &TrustArgs) -> anyhow::Result<VerifyOptions> {
     let now = match &t.now {
         Some(s) => Some(Timestamp::parse(s)?),
         None => Some(Timestamp::from_millis(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
         )),
     };
     let max_age_ms = match &t.max_age {
@@ -151,7 +154,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::CheckProof { proof: path, bundle, trust }) => {
-            let p: proof::EventProof = serde_json::from_slice(&read(&path)?).with_context(|| format!("{}: not a proof", path.display()))?;
+            let p: proof::EventProof =
+                serde_json::from_slice(&read(&path)?).with_context(|| format!("{}: not a proof", path.display()))?;
             if let Err(e) = proof::check(&p) {
                 println!("FAIL proof: {e}");
                 return Ok(ExitCode::from(1));
@@ -172,7 +176,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else if trust.root.is_some() {
                 bail!("--root needs --bundle");
             }
-            println!("ok: event {} is leaf {} of {} under root {}", p.seq, p.proof.leaf_index, p.proof.tree_size, p.proof.root);
+            println!(
+                "ok: event {} is leaf {} of {} under root {}",
+                p.seq, p.proof.leaf_index, p.proof.tree_size, p.proof.root
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -22,7 +22,8 @@ pub fn prove(bundle: &[u8], seq: u64) -> Result<EventProof, String> {
     let lines: Vec<&[u8]> = history.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
     let leaves: Vec<[u8; 32]> = lines.iter().map(|l| merkle::leaf_hash(l)).collect();
     for (i, line) in lines.iter().enumerate() {
-        let ev = orch_core::Event::from_line(std::str::from_utf8(line).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let ev = orch_core::Event::from_line(std::str::from_utf8(line).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
         if ev.seq == seq {
             return Ok(EventProof {
                 seq,

@@ -162,7 +162,8 @@ mod tests {
     fn layers_file_then_environment() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("orchd.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\ndefault_lease_ms = 5000\n[retry]\nbase_ms = 200\n").unwrap();
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\ndefault_lease_ms = 5000\n[retry]\nbase_ms = 200\n")
+            .unwrap();
         let env = [("ORCHD_RETRY__BASE_MS".to_string(), "300".to_string()), ("ORCHD_DB".into(), "/tmp/x.db".into())];
         let s = Settings::load(Some(&file), env).unwrap();
         assert_eq!(s.listen.port(), 9000);

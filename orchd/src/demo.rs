@@ -18,33 +18,45 @@ const TENANTS: [&str; 2] = ["acme", "globex"];
 pub fn spawn(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     let producer = {
         let mut n = 0u64;
-        crate::services::spawn_periodic("demo-producer", state.clone(), Duration::from_millis(500), stop.clone(), move |st| {
-            n += 1;
-            let batch = n;
-            async move {
-                let jobs = (0..4u64)
-                    .map(|i| {
-                        let tenant = TENANTS[(i % 2) as usize];
-                        let queue = QUEUES[((i / 2) % 2) as usize];
-                        let mut j = NewJob::new(tenant, "demo", queue, json!({"batch": batch, "item": i}));
-                        j.source = Some("services.nvd.nist.gov".into());
-                        j.max_attempts = Some(3);
-                        j.idempotency_key = Some(format!("demo-{batch}-{i}"));
-                        j
-                    })
-                    .collect();
-                match st.blocking(move |s| s.enqueue("demo", jobs)).await {
-                    Ok(out) => tracing::info!(batch, jobs = out.len(), "demo enqueued"),
-                    Err(e) => tracing::error!(error = %e, "demo enqueue failed"),
+        crate::services::spawn_periodic(
+            "demo-producer",
+            state.clone(),
+            Duration::from_millis(500),
+            stop.clone(),
+            move |st| {
+                n += 1;
+                let batch = n;
+                async move {
+                    let jobs = (0..4u64)
+                        .map(|i| {
+                            let tenant = TENANTS[(i % 2) as usize];
+                            let queue = QUEUES[((i / 2) % 2) as usize];
+                            let mut j = NewJob::new(tenant, "demo", queue, json!({"batch": batch, "item": i}));
+                            j.source = Some("services.nvd.nist.gov".into());
+                            j.max_attempts = Some(3);
+                            j.idempotency_key = Some(format!("demo-{batch}-{i}"));
+                            j
+                        })
+                        .collect();
+                    match st.blocking(move |s| s.enqueue("demo", jobs)).await {
+                        Ok(out) => tracing::info!(batch, jobs = out.len(), "demo enqueued"),
+                        Err(e) => tracing::error!(error = %e, "demo enqueue failed"),
+                    }
                 }
-            }
-        })
+            },
+        )
     };
-    let worker = crate::services::spawn_periodic("demo-worker", state.clone(), Duration::from_millis(100), stop, |st| async move {
-        if let Err(e) = work_once(&st).await {
-            tracing::error!(error = %e, "demo worker failed");
-        }
-    });
+    let worker = crate::services::spawn_periodic(
+        "demo-worker",
+        state.clone(),
+        Duration::from_millis(100),
+        stop,
+        |st| async move {
+            if let Err(e) = work_once(&st).await {
+                tracing::error!(error = %e, "demo worker failed");
+            }
+        },
+    );
     vec![producer, worker]
 }
 
@@ -80,7 +92,11 @@ async fn work_once(st: &AppState) -> Result<(), orch_store::StoreError> {
             let content = serde_json::to_vec(&json!({"job": job.id, "records": job.id * 7 % 100})).unwrap_or_default();
             let ack = Ack {
                 lease_id,
-                artifacts: vec![ArtifactInput { name: "result.json".into(), media_type: "application/json".into(), content }],
+                artifacts: vec![ArtifactInput {
+                    name: "result.json".into(),
+                    media_type: "application/json".into(),
+                    content,
+                }],
             };
             st.blocking(move |s| s.ack(&scope, job.id, ack)).await?;
             tracing::info!(job.id = job.id, tenant = %job.tenant, queue = %job.spec.queue, "demo job succeeded");

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use orch_store::{SqliteStore, Store};
 use orchd::config::Settings;
 use orchd::{AppState, SystemClock};
-use orch_store::{SqliteStore, Store};
 
 /// orchd — an offline-first job orchestrator on an embedded, hash-chained SQLite ledger.
 #[derive(Parser)]
@@ -95,7 +95,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else if report.ok() {
-                println!("ok: {} events in {} chains, {} jobs reproduced by replay", report.events, report.tenants, report.jobs);
+                println!(
+                    "ok: {} events in {} chains, {} jobs reproduced by replay",
+                    report.events, report.tenants, report.jobs
+                );
             } else {
                 for p in &report.problems {
                     println!("FAIL {p}");
@@ -138,7 +141,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

@@ -4,7 +4,11 @@ use std::process::Command;
 
 fn orchd(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_orchd")).args(args).env_remove("RUST_LOG").output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -45,7 +49,15 @@ fn a_ledger_from_a_newer_orchd_is_refused() {
     let (code, out, err) = orchd(&["check", "--db", db.to_str().unwrap()]);
     assert_eq!(code, 2, "{out}{err}");
     // Create a real ledger, then pretend a newer orchd migrated it.
-    drop(orch_store::SqliteStore::open(&db, std::sync::Arc::new(orch_core::ManualClock::new(orch_core::Timestamp::from_millis(0))), Default::default(), Default::default()).unwrap());
+    drop(
+        orch_store::SqliteStore::open(
+            &db,
+            std::sync::Arc::new(orch_core::ManualClock::new(orch_core::Timestamp::from_millis(0))),
+            Default::default(),
+            Default::default(),
+        )
+        .unwrap(),
+    );
     rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 42").unwrap();
     let (code, _, err) = orchd(&["check", "--db", db.to_str().unwrap()]);
     assert_eq!(code, 2);
@@ -57,7 +69,8 @@ fn bad_settings_are_refused_before_starting() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("orchd.toml");
     std::fs::write(&cfg, "default_lease_ms = 0\n").unwrap();
-    let (code, _, err) = orchd(&["serve", "--config", cfg.to_str().unwrap(), "--db", dir.path().join("l.db").to_str().unwrap()]);
+    let (code, _, err) =
+        orchd(&["serve", "--config", cfg.to_str().unwrap(), "--db", dir.path().join("l.db").to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(err.contains("default_lease_ms"), "{err}");
     assert!(!dir.path().join("l.db").exists(), "nothing created on bad settings");

@@ -150,19 +150,31 @@ pub mod ledger {
         for round in 0..3u64 {
             let mut jobs = Vec::new();
             for (i, tenant) in ["acme", "globex"].iter().enumerate() {
-                let mut j = NewJob::new(tenant, "feeds", "ingest", json!({"round": round, "i": i, "url": "https://feeds.example/x"}));
+                let mut j = NewJob::new(
+                    tenant,
+                    "feeds",
+                    "ingest",
+                    json!({"round": round, "i": i, "url": "https://feeds.example/x"}),
+                );
                 j.max_attempts = Some(2);
                 j.correlation_id = Some(format!("corr-{round}-{i}"));
                 j.idempotency_key = Some(format!("k-{round}-{i}"));
                 jobs.push(j);
             }
-            let mut secret = NewJob::new("acme", "feeds", "ingest", json!({"password": "hunter2", "auth": "Bearer abc.def"}));
+            let mut secret =
+                NewJob::new("acme", "feeds", "ingest", json!({"password": "hunter2", "auth": "Bearer abc.def"}));
             secret.correlation_id = Some(format!("corr-{round}-secret"));
             jobs.push(secret);
             store.enqueue("api", jobs).unwrap();
             clock.advance(Duration::from_secs(1));
             let allocs = store
-                .claim(&ClaimRequest { scope: Scope::All, queues: vec!["ingest".into()], worker: "w1".into(), limit: 10, lease_ms: Some(30_000) })
+                .claim(&ClaimRequest {
+                    scope: Scope::All,
+                    queues: vec!["ingest".into()],
+                    worker: "w1".into(),
+                    limit: 10,
+                    lease_ms: Some(30_000),
+                })
                 .unwrap();
             for (n, a) in allocs.into_iter().enumerate() {
                 let scope = Scope::Tenant(a.job.tenant.clone());
@@ -170,22 +182,47 @@ pub mod ledger {
                 clock.advance(Duration::from_millis(250));
                 match n % 4 {
                     0 | 1 => {
-                        let ack = Ack { lease_id, artifacts: vec![ArtifactInput { name: "out.json".into(), media_type: "application/json".into(), content: format!("{{\"n\":{n}}}").into_bytes() }] };
+                        let ack = Ack {
+                            lease_id,
+                            artifacts: vec![ArtifactInput {
+                                name: "out.json".into(),
+                                media_type: "application/json".into(),
+                                content: format!("{{\"n\":{n}}}").into_bytes(),
+                            }],
+                        };
                         store.ack(&scope, a.job.id, ack).unwrap();
                     }
                     2 => {
-                        let f = Failure { lease_id, class: "http_429".into(), message: "slow down".into(), retryable: true, retry_after_ms: Some(5_000) };
+                        let f = Failure {
+                            lease_id,
+                            class: "http_429".into(),
+                            message: "slow down".into(),
+                            retryable: true,
+                            retry_after_ms: Some(5_000),
+                        };
                         store.fail(&scope, a.job.id, f).unwrap();
                     }
                     _ => {
-                        store.heartbeat(&scope, a.job.id, Heartbeat { lease_id, progress: Some(json!({"pct": 40})), extend_ms: Some(2_000) }).unwrap();
+                        store
+                            .heartbeat(
+                                &scope,
+                                a.job.id,
+                                Heartbeat { lease_id, progress: Some(json!({"pct": 40})), extend_ms: Some(2_000) },
+                            )
+                            .unwrap();
                     }
                 }
             }
             clock.advance(Duration::from_secs(10));
             store.reap_expired_leases(100).unwrap();
         }
-        let first = store.jobs(&Scope::All, &JobFilter { state: Some(orch_core::JobState::Queued), ..Default::default() }, PageRequest::default()).unwrap();
+        let first = store
+            .jobs(
+                &Scope::All,
+                &JobFilter { state: Some(orch_core::JobState::Queued), ..Default::default() },
+                PageRequest::default(),
+            )
+            .unwrap();
         if let Some(j) = first.items.first() {
             store.cancel(&Scope::Tenant(j.tenant.clone()), j.id, "operator", Some("duplicate feed".into())).unwrap();
         }
@@ -194,7 +231,8 @@ pub mod ledger {
 
     /// Exports a bundle of `db` signed by `keys`, with the given scope and range.
     pub fn bundle(db: &Path, keys: &[SigningKey], scope: Scope, from_seq: u64, to_seq: Option<u64>) -> Vec<u8> {
-        let store = SqliteStore::open(db, Arc::new(ManualClock::new(T0)), StoreOptions::default(), Synchronous::Normal).unwrap();
+        let store = SqliteStore::open(db, Arc::new(ManualClock::new(T0)), StoreOptions::default(), Synchronous::Normal)
+            .unwrap();
         let opts = orch_bundle::ExportOptions {
             scope,
             from_seq,

@@ -159,11 +159,26 @@ fn cli_export_verify_inspect_prove() {
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
     let (code, _, err) = run("orch-bundle", &["keygen", "--out", &p("keys"), "--name", "root"]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = run("orch-bundle", &["root", "init", "--out", &p("root.json"), "--root-key", &p("keys/root.pub.json"), "--bundle-key", &p("keys/signer.pub.json"), "--expires", "2036-01-01T00:00:00Z"]);
+    let (code, _, err) = run(
+        "orch-bundle",
+        &[
+            "root",
+            "init",
+            "--out",
+            &p("root.json"),
+            "--root-key",
+            &p("keys/root.pub.json"),
+            "--bundle-key",
+            &p("keys/signer.pub.json"),
+            "--expires",
+            "2036-01-01T00:00:00Z",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     // Unsigned, the root is refused.
     let db = s.db.to_str().unwrap();
-    let (code, _, err) = run("orch-bundle", &["export", "--db", db, "--key", &p("keys/signer.key"), "--out", &p("a.tar.zst")]);
+    let (code, _, err) =
+        run("orch-bundle", &["export", "--db", db, "--key", &p("keys/signer.key"), "--out", &p("a.tar.zst")]);
     assert_eq!(code, 0, "{err}");
     let (code, out, err) = run("orch-verify", &[&p("a.tar.zst"), "--root", &p("root.json")]);
     assert_eq!(code, 1, "{out}{err}");
@@ -179,7 +194,8 @@ fn cli_export_verify_inspect_prove() {
     assert_eq!(report["ok"], true);
     assert_eq!(out.matches('\n').count(), 1, "one JSON document, newline-terminated");
     // Byte-identical second export through the binary.
-    let (code, _, _) = run("orch-bundle", &["export", "--db", db, "--key", &p("keys/signer.key"), "--out", &p("b.tar.zst"), "--json"]);
+    let (code, _, _) =
+        run("orch-bundle", &["export", "--db", db, "--key", &p("keys/signer.key"), "--out", &p("b.tar.zst"), "--json"]);
     assert_eq!(code, 0);
     assert_eq!(std::fs::read(p("a.tar.zst")).unwrap(), std::fs::read(p("b.tar.zst")).unwrap());
     let (code, out, _) = run("orch-bundle", &["inspect", &p("a.tar.zst")]);
@@ -195,12 +211,17 @@ fn cli_export_verify_inspect_prove() {
         p("tz.tar.zst")
     );
     assert!(std::process::Command::new("sh").arg("-c").arg(script).status().unwrap().success());
-    assert_eq!(std::fs::read(p("tz.tar.zst")).unwrap(), std::fs::read(p("a.tar.zst")).unwrap(), "time zone or umask changed the bytes");
+    assert_eq!(
+        std::fs::read(p("tz.tar.zst")).unwrap(),
+        std::fs::read(p("a.tar.zst")).unwrap(),
+        "time zone or umask changed the bytes"
+    );
     // A proof for one event, checked alone and against the signed bundle.
     let (code, proof, err) = run("orch-verify", &["prove", &p("a.tar.zst"), "--event", "7"]);
     assert_eq!(code, 0, "{err}");
     std::fs::write(p("proof.json"), &proof).unwrap();
-    let (code, out, _) = run("orch-verify", &["check-proof", &p("proof.json"), "--bundle", &p("a.tar.zst"), "--root", &p("root.json")]);
+    let (code, out, _) =
+        run("orch-verify", &["check-proof", &p("proof.json"), "--bundle", &p("a.tar.zst"), "--root", &p("root.json")]);
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("ok: event 7"), "{out}");
     let forged = proof.replacen("\\\"seq\\\":7", "\\\"seq\\\":8", 1).replacen("\"seq\": 7", "\"seq\": 8", 1);
@@ -213,7 +234,10 @@ fn cli_export_verify_inspect_prove() {
     assert_eq!(err.lines().count(), 1, "{err}");
     let (code, _, _) = run("orch-verify", &[&p("a.tar.zst")]);
     assert_eq!(code, 2, "--root is required");
-    let (code, _, err) = run("orch-bundle", &["export", "--db", &p("nope.db"), "--key", &p("keys/signer.key"), "--out", &p("c.tar.zst")]);
+    let (code, _, err) = run(
+        "orch-bundle",
+        &["export", "--db", &p("nope.db"), "--key", &p("keys/signer.key"), "--out", &p("c.tar.zst")],
+    );
     assert_eq!(code, 2);
     assert!(err.contains("no such ledger") && !dir.path().join("c.tar.zst").exists(), "{err}");
 }
@@ -226,14 +250,46 @@ fn root_rotation_through_the_cli() {
     for name in ["r1", "r2", "signer"] {
         assert_eq!(run("orch-bundle", &["keygen", "--out", &p("k"), "--name", name]).0, 0);
     }
-    assert_eq!(run("orch-bundle", &["root", "init", "--out", &p("1.root.json"), "--root-key", &p("k/r1.pub.json"), "--bundle-key", &p("k/signer.pub.json"), "--expires", "2036-01-01T00:00:00Z"]).0, 0);
+    assert_eq!(
+        run(
+            "orch-bundle",
+            &[
+                "root",
+                "init",
+                "--out",
+                &p("1.root.json"),
+                "--root-key",
+                &p("k/r1.pub.json"),
+                "--bundle-key",
+                &p("k/signer.pub.json"),
+                "--expires",
+                "2036-01-01T00:00:00Z"
+            ]
+        )
+        .0,
+        0
+    );
     assert_eq!(run("orch-bundle", &["root", "sign", &p("1.root.json"), "--key", &p("k/r1.key")]).0, 0);
     std::fs::create_dir(p("chain")).unwrap();
     let v2 = p("chain/2.root.json");
-    assert_eq!(run("orch-bundle", &["root", "rotate", "--from", &p("1.root.json"), "--out", &v2, "--root-key", &p("k/r2.pub.json")]).0, 0);
+    assert_eq!(
+        run(
+            "orch-bundle",
+            &["root", "rotate", "--from", &p("1.root.json"), "--out", &v2, "--root-key", &p("k/r2.pub.json")]
+        )
+        .0,
+        0
+    );
     assert_eq!(run("orch-bundle", &["root", "sign", &v2, "--key", &p("k/r2.key")]).0, 0);
     let bundle_path = p("b.tar.zst");
-    assert_eq!(run("orch-bundle", &["export", "--db", s.db.to_str().unwrap(), "--key", &p("k/signer.key"), "--out", &bundle_path]).0, 0);
+    assert_eq!(
+        run(
+            "orch-bundle",
+            &["export", "--db", s.db.to_str().unwrap(), "--key", &p("k/signer.key"), "--out", &bundle_path]
+        )
+        .0,
+        0
+    );
     // Signed only by the new key: the rotation is refused.
     let (code, out, _) = run("orch-verify", &[&bundle_path, "--root", &p("1.root.json"), "--root-chain", &p("chain")]);
     assert_eq!(code, 1);
@@ -261,10 +317,17 @@ fn repack(bytes: &[u8], resign: bool, edit: impl FnOnce(&mut BTreeMap<String, Ve
             e.size = c.len() as u64;
             e.lines = c.iter().filter(|&&b| b == b'\n').count() as u64;
         }
-        let leaves: Vec<_> = files[bundle::HISTORY].split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(orch_core::merkle::leaf_hash).collect();
+        let leaves: Vec<_> = files[bundle::HISTORY]
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(orch_core::merkle::leaf_hash)
+            .collect();
         m.merkle.root = hex::encode(orch_core::merkle::root(&leaves));
         let mb = orch_core::canonical::to_vec(&m).unwrap();
-        files.insert(bundle::SHA256SUMS.into(), bundle::sha256sums(bundle::DATA_FILES.iter().map(|n| (*n, &m.files[*n]))).into_bytes());
+        files.insert(
+            bundle::SHA256SUMS.into(),
+            bundle::sha256sums(bundle::DATA_FILES.iter().map(|n| (*n, &m.files[*n]))).into_bytes(),
+        );
         files.insert(bundle::MANIFEST_DSSE.into(), orch_bundle::keys::sign_manifest(&mb, &[key(2)]));
         files.insert(bundle::MANIFEST.into(), mb);
     }
@@ -314,13 +377,18 @@ fn regenerate_golden_fixtures() {
     std::fs::create_dir_all(fx.join("keys")).unwrap();
     for n in [1u8, 2, 3] {
         std::fs::write(fx.join(format!("keys/test-{n}.key")), key(n).to_text()).unwrap();
-        std::fs::write(fx.join(format!("keys/test-{n}.pub.json")), orch_bundle::keys::public_key_file(&key(n))).unwrap();
+        std::fs::write(fx.join(format!("keys/test-{n}.pub.json")), orch_bundle::keys::public_key_file(&key(n)))
+            .unwrap();
     }
     let valid = bundle(&db, &[key(2)], Scope::All, 1, None);
     let bundles = fx.join("bundles");
     let _ = std::fs::remove_dir_all(&bundles);
     std::fs::create_dir_all(&bundles).unwrap();
-    std::fs::write(bundles.join("root.json"), orch_bundle::keys::root_file(&root("2036-01-01T00:00:00Z", &[&key(2)], 1))).unwrap();
+    std::fs::write(
+        bundles.join("root.json"),
+        orch_bundle::keys::root_file(&root("2036-01-01T00:00:00Z", &[&key(2)], 1)),
+    )
+    .unwrap();
 
     let case = |name: &str, bytes: &[u8], args: &[&str], exit: i32, message: &str, extra: &[(&str, Vec<u8>)]| {
         let d = bundles.join(name);
@@ -338,39 +406,109 @@ fn regenerate_golden_fixtures() {
     let root_file = |r: orch_core::trust::Root| orch_bundle::keys::root_file(&r);
 
     case("valid", &valid, &[], 0, "ok: ", &[]);
-    case("bad-signature", &repack(&valid, false, |f| {
-        let mut env: serde_json::Value = serde_json::from_slice(&f[bundle::MANIFEST_DSSE]).unwrap();
-        let sig = env["signatures"][0]["sig"].as_str().unwrap().to_string();
-        let flipped = if sig.starts_with('A') { sig.replacen('A', "B", 1) } else { format!("A{}", &sig[1..]) };
-        env["signatures"][0]["sig"] = flipped.into();
-        f.insert(bundle::MANIFEST_DSSE.into(), orch_core::canonical::to_vec(&env).unwrap());
-    }), &[], 1, "FAIL signature manifest.dsse.json: role \"bundle\" of root v1 needs 1 valid signature(s), found 0", &[]);
-    case("below-threshold", &valid, &["--root", "root.json"], 1, "needs 2 valid signature(s), found 1", &[("root.json", root_file(root("2036-01-01T00:00:00Z", &[&key(2), &key(3)], 2)))]);
-    case("tampered-file", &repack(&valid, false, |f| {
-        edit_line(f, bundle::JOBS, 0, |v| v["project"] = "elsewhere".into());
-    }), &[], 1, "FAIL files jobs.jsonl: sha256", &[]);
-    case("missing-entry", &repack(&valid, false, |f| {
-        f.remove(bundle::THROTTLES);
-    }), &[], 1, "FAIL archive throttles.jsonl: missing entry", &[]);
-    case("extra-entry", &repack(&valid, false, |f| {
-        f.insert("notes.txt".into(), b"hello".to_vec());
-    }), &[], 1, "FAIL archive notes.txt: unexpected entry", &[]);
-    case("path-traversal", &repack(&valid, false, |f| {
-        f.insert("../evil".into(), b"x".to_vec());
-    }), &[], 1, "FAIL archive ../evil: path escapes the bundle", &[]);
-    case("broken-hash-chain", &repack(&valid, true, |f| {
-        edit_line(f, bundle::HISTORY, 4, |v| {
-            v["prev_hash"] = "1".repeat(64).into();
-            let mut body = v.clone();
-            body.as_object_mut().unwrap().remove("hash");
-            v["hash"] = orch_core::hash::sha256_hex(&orch_core::canonical::value_to_vec(&body)).into();
-        });
-    }), &[], 1, "FAIL chain event 5: event 5: prev_hash does not link", &[]);
-    case("replay-mismatch", &repack(&valid, true, |f| {
-        edit_line(f, bundle::JOBS, 1, |v| v["attempt"] = 7.into());
-    }), &[], 1, "FAIL replay job 2: replay gives", &[]);
-    case("expired-root", &valid, &["--root", "root.json"], 1, "FAIL root root v1: root v1 expired at 2026-10-01T00:00:00Z", &[("root.json", root_file(root("2026-10-01T00:00:00Z", &[&key(2)], 1)))]);
-    case("stale-anchor", &valid, &["--now", "2027-06-01T00:00:00Z", "--max-age", "30d"], 1, "FAIL anchor time_anchor: anchor 2026-11-01", &[]);
+    case(
+        "bad-signature",
+        &repack(&valid, false, |f| {
+            let mut env: serde_json::Value = serde_json::from_slice(&f[bundle::MANIFEST_DSSE]).unwrap();
+            let sig = env["signatures"][0]["sig"].as_str().unwrap().to_string();
+            let flipped = if sig.starts_with('A') { sig.replacen('A', "B", 1) } else { format!("A{}", &sig[1..]) };
+            env["signatures"][0]["sig"] = flipped.into();
+            f.insert(bundle::MANIFEST_DSSE.into(), orch_core::canonical::to_vec(&env).unwrap());
+        }),
+        &[],
+        1,
+        "FAIL signature manifest.dsse.json: role \"bundle\" of root v1 needs 1 valid signature(s), found 0",
+        &[],
+    );
+    case(
+        "below-threshold",
+        &valid,
+        &["--root", "root.json"],
+        1,
+        "needs 2 valid signature(s), found 1",
+        &[("root.json", root_file(root("2036-01-01T00:00:00Z", &[&key(2), &key(3)], 2)))],
+    );
+    case(
+        "tampered-file",
+        &repack(&valid, false, |f| {
+            edit_line(f, bundle::JOBS, 0, |v| v["project"] = "elsewhere".into());
+        }),
+        &[],
+        1,
+        "FAIL files jobs.jsonl: sha256",
+        &[],
+    );
+    case(
+        "missing-entry",
+        &repack(&valid, false, |f| {
+            f.remove(bundle::THROTTLES);
+        }),
+        &[],
+        1,
+        "FAIL archive throttles.jsonl: missing entry",
+        &[],
+    );
+    case(
+        "extra-entry",
+        &repack(&valid, false, |f| {
+            f.insert("notes.txt".into(), b"hello".to_vec());
+        }),
+        &[],
+        1,
+        "FAIL archive notes.txt: unexpected entry",
+        &[],
+    );
+    case(
+        "path-traversal",
+        &repack(&valid, false, |f| {
+            f.insert("../evil".into(), b"x".to_vec());
+        }),
+        &[],
+        1,
+        "FAIL archive ../evil: path escapes the bundle",
+        &[],
+    );
+    case(
+        "broken-hash-chain",
+        &repack(&valid, true, |f| {
+            edit_line(f, bundle::HISTORY, 4, |v| {
+                v["prev_hash"] = "1".repeat(64).into();
+                let mut body = v.clone();
+                body.as_object_mut().unwrap().remove("hash");
+                v["hash"] = orch_core::hash::sha256_hex(&orch_core::canonical::value_to_vec(&body)).into();
+            });
+        }),
+        &[],
+        1,
+        "FAIL chain event 5: event 5: prev_hash does not link",
+        &[],
+    );
+    case(
+        "replay-mismatch",
+        &repack(&valid, true, |f| {
+            edit_line(f, bundle::JOBS, 1, |v| v["attempt"] = 7.into());
+        }),
+        &[],
+        1,
+        "FAIL replay job 2: replay gives",
+        &[],
+    );
+    case(
+        "expired-root",
+        &valid,
+        &["--root", "root.json"],
+        1,
+        "FAIL root root v1: root v1 expired at 2026-10-01T00:00:00Z",
+        &[("root.json", root_file(root("2026-10-01T00:00:00Z", &[&key(2)], 1)))],
+    );
+    case(
+        "stale-anchor",
+        &valid,
+        &["--now", "2027-06-01T00:00:00Z", "--max-age", "30d"],
+        1,
+        "FAIL anchor time_anchor: anchor 2026-11-01",
+        &[],
+    );
     // Version 3 after version 1: refused even though properly signed.
     let v3 = {
         let r1 = root("2036-01-01T00:00:00Z", &[&key(2)], 1);
@@ -378,7 +516,14 @@ fn regenerate_golden_fixtures() {
         s3.version = 3;
         orch_core::trust::Root::sign(s3, &[key(1)])
     };
-    case("rotation-skips-version", &valid, &["--root-chain", "roots"], 1, "FAIL root root-chain: root v3 cannot follow v1", &[("roots/3.root.json", root_file(v3))]);
+    case(
+        "rotation-skips-version",
+        &valid,
+        &["--root-chain", "roots"],
+        1,
+        "FAIL root root-chain: root v3 cannot follow v1",
+        &[("roots/3.root.json", root_file(v3))],
+    );
 }
 
 #[test]
@@ -394,7 +539,11 @@ fn golden_ledger_exports_to_the_golden_bundle() {
         let (a, g) = (unpack(&again), unpack(&golden));
         for (name, content) in &g {
             if a.get(name) != Some(content) {
-                panic!("golden bundle differs in {name}:\n--- golden\n{}\n--- exported now\n{}", String::from_utf8_lossy(content), String::from_utf8_lossy(a.get(name).map_or(&[][..], |v| v)));
+                panic!(
+                    "golden bundle differs in {name}:\n--- golden\n{}\n--- exported now\n{}",
+                    String::from_utf8_lossy(content),
+                    String::from_utf8_lossy(a.get(name).map_or(&[][..], |v| v))
+                );
             }
         }
         panic!("golden bundle differs in archive framing only");
@@ -410,9 +559,11 @@ fn golden_cases_give_their_exit_codes_and_messages() {
         if !dir.is_dir() {
             continue;
         }
-        let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+        let expected: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
         let mut args: Vec<String> = vec![dir.join("bundle.tar.zst").to_str().unwrap().into()];
-        let extra: Vec<String> = expected["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
+        let extra: Vec<String> =
+            expected["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
         if !extra.iter().any(|a| a == "--root") {
             args.extend(["--root".into(), bundles.join("root.json").to_str().unwrap().into()]);
         }
@@ -443,11 +594,19 @@ fn export_is_consistent_while_orchd_runs() {
     let mut seen = Vec::new();
     for i in 0..4 {
         let out = p(&format!("live-{i}.tar.zst"));
-        let (code, _, err) = run("orch-bundle", &["export", "--db", db.to_str().unwrap(), "--key", &p("signer.key"), "--out", &out, "--json"]);
+        let (code, _, err) = run(
+            "orch-bundle",
+            &["export", "--db", db.to_str().unwrap(), "--key", &p("signer.key"), "--out", &out, "--json"],
+        );
         assert_eq!(code, 0, "{err}");
         let (code, stdout, _) = run("orch-verify", &[&out, "--root", &p("root.json")]);
         assert_eq!(code, 0, "export {i} taken while orchd wrote verifies:\n{stdout}");
-        seen.push(verify(&std::fs::read(&out).unwrap(), &opts(root("2036-01-01T00:00:00Z", &[&key(2)], 1))).summary.unwrap().to_seq);
+        seen.push(
+            verify(&std::fs::read(&out).unwrap(), &opts(root("2036-01-01T00:00:00Z", &[&key(2)], 1)))
+                .summary
+                .unwrap()
+                .to_seq,
+        );
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     d.kill();

@@ -13,7 +13,8 @@ use orch_store::{Scope, SqliteStore, Store};
 fn acked_ids(d: &Daemon, into: &mut BTreeSet<i64>) {
     for line in d.stderr.try_iter() {
         if line.contains("demo job succeeded") {
-            let id = line.split("job.id=").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok());
+            let id =
+                line.split("job.id=").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok());
             into.insert(id.unwrap_or_else(|| panic!("unparsable log line {line:?}")));
         }
     }
@@ -45,7 +46,13 @@ fn sigkill_mid_work_loses_nothing_committed() {
         assert_eq!(code, 0, "round {round}: ledger check failed after SIGKILL:\n{out}\n{err}");
         assert!(out.starts_with("ok: "), "{out}");
 
-        let store = SqliteStore::open(&db, Arc::new(ManualClock::new(Timestamp::from_millis(0))), Default::default(), Default::default()).unwrap();
+        let store = SqliteStore::open(
+            &db,
+            Arc::new(ManualClock::new(Timestamp::from_millis(0))),
+            Default::default(),
+            Default::default(),
+        )
+        .unwrap();
         for id in &acked {
             let job = store.job(&Scope::All, *id).unwrap();
             assert_eq!(job.state, JobState::Succeeded, "job {id} was acked before the kill");
