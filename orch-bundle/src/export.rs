@@ -100,15 +100,28 @@ fn push_line(buf: &mut Vec<u8>, line: &[u8]) {
 
 /// Reads a consistent snapshot of `store` and builds the bundle's content.
 pub fn export(store: &dyn Store, opts: ExportOptions) -> Result<Exported, ExportError> {
+    export_with_progress(store, opts, &mut |_, _| {})
+}
+
+/// [`export`], reporting `(events done, events in range)` now and then as the range is read.
+pub fn export_with_progress(
+    store: &dyn Store,
+    opts: ExportOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Exported, ExportError> {
     let mut out: Option<Result<Exported, ExportError>> = None;
     store.snapshot(&mut |snap| {
-        out = Some(build(snap, opts.clone()));
+        out = Some(build(snap, opts.clone(), progress));
         Ok(())
     })?;
     out.expect("snapshot ran")
 }
 
-fn build(snap: &dyn SnapshotReader, opts: ExportOptions) -> Result<Exported, ExportError> {
+fn build(
+    snap: &dyn SnapshotReader,
+    opts: ExportOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Exported, ExportError> {
     let head = snap.head_seq()?;
     let to = opts.to_seq.unwrap_or(head).min(head);
     let from = opts.from_seq.max(1);
@@ -178,6 +191,9 @@ fn build(snap: &dyn SnapshotReader, opts: ExportOptions) -> Result<Exported, Exp
         push_line(&mut history, line.as_bytes());
         last_at = Some(e.at);
         events += 1;
+        if events.is_multiple_of(4096) {
+            progress(e.seq + 1 - from, to + 1 - from);
+        }
         Ok(())
     })?;
     if let Some(f) = failure {

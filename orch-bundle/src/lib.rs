@@ -9,4 +9,4 @@ pub mod archive;
 pub mod export;
 pub mod keys;
 
-pub use export::{export, ExportError, ExportOptions, Exported};
+pub use export::{export, export_with_progress, ExportError, ExportOptions, Exported};

@@ -178,10 +178,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let store =
                 SqliteStore::open(&db, Arc::new(orch_bundle::keys::NoClock), Default::default(), Default::default())
                     .with_context(|| format!("opening {}", db.display()))?;
-            let progress = std::io::stderr().is_terminal();
-            if progress {
-                eprint!("orch-bundle: reading ledger…");
-            }
+            // A progress bar on stderr, only when a person is watching.
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let bar = indicatif::ProgressBar::new(0);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} events ({per_sec}, {eta})")
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                );
+                bar.set_message("orch-bundle: reading ledger");
+                bar
+            });
             let opts = orch_bundle::ExportOptions {
                 scope: tenant.map_or(Scope::All, Scope::Tenant),
                 from_seq,
@@ -191,15 +198,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 redactor: Redactor::new(RedactionPolicy::default(), redaction),
                 previous,
             };
-            let exported = orch_bundle::export(&store, opts)?;
-            if progress {
-                eprint!("\rorch-bundle: signing and packing…");
+            let exported = orch_bundle::export_with_progress(&store, opts, &mut |done, total| {
+                if let Some(bar) = &bar {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }
+            })?;
+            if let Some(bar) = &bar {
+                bar.set_message("orch-bundle: signing and packing");
             }
             let envelope = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), &keys);
             let bytes = exported.pack(&envelope)?;
             write_atomic(&out, &bytes)?;
-            if progress {
-                eprintln!("\rorch-bundle: wrote {} ({} bytes)   ", out.display(), bytes.len());
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
             }
             let m = &exported.manifest;
             if json {
