@@ -260,6 +260,7 @@ mod tests {
                 run_after: Timestamp::from_millis(1_000),
                 max_attempts: 3,
                 idempotency_key: None,
+                run: None,
             }),
         }
     }

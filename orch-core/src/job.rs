@@ -72,6 +72,9 @@ pub struct JobSpec {
     /// The client's key; enqueueing the same key twice in one tenant returns the first job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The run (a backfill, a schedule firing) the job belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<i64>,
 }
 
 /// A worker's hold on a job.

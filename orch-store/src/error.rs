@@ -11,6 +11,14 @@ pub enum StoreError {
     /// The job does not exist in the caller's scope.
     #[error("job {0} not found")]
     NotFound(JobId),
+    /// Something other than a job does not exist in the caller's scope.
+    #[error("{what} {id:?} not found")]
+    Missing {
+        /// What was looked for: `run`, `source`, `token`…
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
     /// The artifact does not exist.
     #[error("job {job} has no artifact named {name:?}")]
     ArtifactNotFound {
@@ -72,7 +80,7 @@ impl StoreError {
     /// A short stable code for this kind of error, for APIs and exit codes.
     pub fn code(&self) -> &'static str {
         match self {
-            StoreError::NotFound(_) | StoreError::ArtifactNotFound { .. } => "not_found",
+            StoreError::NotFound(_) | StoreError::Missing { .. } | StoreError::ArtifactNotFound { .. } => "not_found",
             StoreError::LeaseLost { .. } => "lease_lost",
             StoreError::Conflict { .. } => "conflict",
             StoreError::Invalid(_) => "invalid_request",

@@ -66,6 +66,49 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counts of jobs by state in a scope.
     fn stats(&self, scope: &Scope) -> Result<Stats, StoreError>;
+
+    /// Starts a run: records it, files a `<kind>.started` audit event (with reason and ticket)
+    /// and enqueues its jobs, all in one transaction. Jobs whose idempotency key was already used
+    /// are returned as they are, not enqueued again.
+    fn start_run(&self, actor: &str, run: NewRun, jobs: Vec<NewJob>) -> Result<(Run, Vec<Enqueued>), StoreError>;
+
+    /// One run with its job counts.
+    fn run(&self, scope: &Scope, id: i64) -> Result<Run, StoreError>;
+
+    /// Runs, by ascending id.
+    fn runs(&self, scope: &Scope, page: PageRequest) -> Result<Page<Run>, StoreError>;
+
+    /// Creates or replaces a tenant setting and files a `<kind>.put` audit event with the actor,
+    /// reason and ticket, in one transaction. Returns the audit event.
+    fn put_setting(&self, actor: &str, change: SettingChange) -> Result<Event, StoreError>;
+
+    /// The settings of one kind in a scope, by tenant and id.
+    fn settings(&self, scope: &Scope, kind: SettingKind) -> Result<Vec<Setting>, StoreError>;
+
+    /// Stores a new API token.
+    fn put_token(&self, token: NewToken) -> Result<TokenRecord, StoreError>;
+
+    /// The token whose secret hashes to `hash`, revoked or expired ones included.
+    fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Revokes a token by id (revoking twice keeps the first instant).
+    fn revoke_token(&self, id: &str) -> Result<TokenRecord, StoreError>;
+
+    /// All tokens, by id.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Reserves an idempotency key for a request with the given fingerprint, or reports what
+    /// an earlier request with the key left.
+    fn idempotency_begin(&self, tenant: &str, key: &str, fingerprint: &str) -> Result<IdempotencyBegin, StoreError>;
+
+    /// Records the response to a request that reserved a key.
+    fn idempotency_finish(&self, tenant: &str, key: &str, status: u16, body: &[u8]) -> Result<(), StoreError>;
+
+    /// Frees a reserved key whose request did not complete (so a retry can run it again).
+    fn idempotency_release(&self, tenant: &str, key: &str) -> Result<(), StoreError>;
+
+    /// Forgets idempotency records made before `before`; returns how many.
+    fn purge_idempotency(&self, before: orch_core::Timestamp) -> Result<usize, StoreError>;
 }
 
 /// A consistent view of a ledger for export and checking.

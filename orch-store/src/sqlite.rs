@@ -20,7 +20,7 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const APPLICATION_ID: i64 = 0x4F52_4348;
 
 /// Numbered migrations; the n-th brings the schema to version n.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql"), include_str!("../migrations/0002_api.sql")];
 
 /// How hard SQLite works to make commits durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -152,6 +152,35 @@ impl SqliteStore {
         out
     }
 
+    /// Refuses a batch with any invalid job, before anything is written.
+    fn check_new_jobs(&self, jobs: &[NewJob]) -> Result<(), StoreError> {
+        for j in jobs {
+            check_name("tenant", &j.tenant)?;
+            check_name("project", &j.project)?;
+            check_name("queue", &j.queue)?;
+            if let Some(s) = &j.source {
+                check_text("source", s, 512)?;
+            }
+            if let Some(k) = &j.idempotency_key {
+                check_text("idempotency key", k, 256)?;
+            }
+            if let Some(c) = &j.correlation_id {
+                check_text("correlation id", c, 256)?;
+            }
+            if j.max_attempts == Some(0) {
+                return Err(StoreError::Invalid("max_attempts must be at least 1".into()));
+            }
+            let size = serde_json::to_vec(&j.payload).map(|v| v.len()).unwrap_or(usize::MAX);
+            if size > self.opts.max_payload_bytes {
+                return Err(StoreError::Invalid(format!(
+                    "payload is {size} bytes, the limit is {}",
+                    self.opts.max_payload_bytes
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Applies a transition to one job in scope; `make` builds the event from the current job.
     /// `actor` defaults to the worker holding the job's lease (for worker calls).
     fn transition(
@@ -261,12 +290,12 @@ impl Writer<'_> {
         let lease = job.lease.as_ref();
         let sql = if insert {
             "INSERT INTO jobs (id, tenant, project, queue, source, state, priority, run_after, lease_id,
-                               lease_expires_at, idempotency_key, correlation_id, updated_at, doc)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                               lease_expires_at, idempotency_key, correlation_id, updated_at, doc, run_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
         } else {
             "UPDATE jobs SET tenant = ?2, project = ?3, queue = ?4, source = ?5, state = ?6, priority = ?7,
                              run_after = ?8, lease_id = ?9, lease_expires_at = ?10, idempotency_key = ?11,
-                             correlation_id = ?12, updated_at = ?13, doc = ?14
+                             correlation_id = ?12, updated_at = ?13, doc = ?14, run_id = ?15
              WHERE id = ?1"
         };
         self.tx.prepare_cached(sql)?.execute(params![
@@ -284,8 +313,79 @@ impl Writer<'_> {
             job.correlation_id,
             job.updated_at.as_millis(),
             doc,
+            job.spec.run,
         ])?;
         Ok(())
+    }
+
+    /// Enqueues jobs (already checked), returning existing jobs for used idempotency keys.
+    fn enqueue(&mut self, actor: &str, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, StoreError> {
+        let mut next_id: JobId = self.tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM jobs", [], |r| r.get(0))?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            if let Some(key) = &j.idempotency_key {
+                let existing: Option<String> = self
+                    .tx
+                    .prepare_cached("SELECT doc FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
+                    .query_row(params![j.tenant, key], |r| r.get(0))
+                    .optional()?;
+                if let Some(doc) = existing {
+                    out.push(Enqueued { job: decode_job(&doc)?, created: false });
+                    continue;
+                }
+            }
+            let id = next_id;
+            next_id += 1;
+            let spec = JobSpec {
+                queue: j.queue,
+                source: j.source,
+                payload: j.payload,
+                priority: j.priority,
+                run_after: j.run_after.unwrap_or(self.now),
+                max_attempts: j.max_attempts.unwrap_or(self.opts.default_max_attempts),
+                idempotency_key: j.idempotency_key,
+                run: j.run,
+            };
+            self.tx
+                .prepare_cached("INSERT OR IGNORE INTO projects (tenant, id) VALUES (?1, ?2)")?
+                .execute(params![j.tenant, j.project])?;
+            let draft = EventDraft {
+                at: self.now,
+                tenant: j.tenant,
+                project: j.project,
+                job_id: Some(id),
+                actor: actor.to_string(),
+                correlation_id: j.correlation_id.unwrap_or_else(new_token),
+                kind: EventKind::Enqueued(spec),
+            };
+            let job = self.record(draft, None)?.expect("enqueue creates a job");
+            out.push(Enqueued { job, created: true });
+        }
+        Ok(out)
+    }
+
+    /// Files an `audit` event in a tenant's chain; returns it.
+    fn audit(
+        &mut self,
+        tenant: &str,
+        project: &str,
+        actor: &str,
+        action: String,
+        details: serde_json::Value,
+    ) -> Result<Event, StoreError> {
+        let seq = self.next_seq()?;
+        let draft = EventDraft {
+            at: self.now,
+            tenant: tenant.to_string(),
+            project: project.to_string(),
+            job_id: None,
+            actor: actor.to_string(),
+            correlation_id: new_token(),
+            kind: EventKind::Audit { action, details },
+        };
+        self.record(draft, None)?;
+        let line: String = self.tx.query_row("SELECT line FROM history WHERE seq = ?1", [seq as i64], |r| r.get(0))?;
+        decode_event(&line)
     }
 
     fn flush_heads(&mut self) -> Result<(), StoreError> {
@@ -380,71 +480,8 @@ fn check_text(what: &str, s: &str, max: usize) -> Result<(), StoreError> {
 impl Store for SqliteStore {
     #[instrument(skip_all, fields(jobs = jobs.len()))]
     fn enqueue(&self, actor: &str, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, StoreError> {
-        for j in &jobs {
-            check_name("tenant", &j.tenant)?;
-            check_name("project", &j.project)?;
-            check_name("queue", &j.queue)?;
-            if let Some(s) = &j.source {
-                check_text("source", s, 512)?;
-            }
-            if let Some(k) = &j.idempotency_key {
-                check_text("idempotency key", k, 256)?;
-            }
-            if let Some(c) = &j.correlation_id {
-                check_text("correlation id", c, 256)?;
-            }
-            if j.max_attempts == Some(0) {
-                return Err(StoreError::Invalid("max_attempts must be at least 1".into()));
-            }
-            let size = serde_json::to_vec(&j.payload).map(|v| v.len()).unwrap_or(usize::MAX);
-            if size > self.opts.max_payload_bytes {
-                return Err(StoreError::Invalid(format!(
-                    "payload is {size} bytes, the limit is {}",
-                    self.opts.max_payload_bytes
-                )));
-            }
-        }
-        self.write(|w| {
-            let mut next_id: JobId = w.tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM jobs", [], |r| r.get(0))?;
-            let mut out = Vec::with_capacity(jobs.len());
-            for j in jobs {
-                if let Some(key) = &j.idempotency_key {
-                    let existing: Option<String> =
-                        w.tx.prepare_cached("SELECT doc FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
-                            .query_row(params![j.tenant, key], |r| r.get(0))
-                            .optional()?;
-                    if let Some(doc) = existing {
-                        out.push(Enqueued { job: decode_job(&doc)?, created: false });
-                        continue;
-                    }
-                }
-                let id = next_id;
-                next_id += 1;
-                let spec = JobSpec {
-                    queue: j.queue,
-                    source: j.source,
-                    payload: j.payload,
-                    priority: j.priority,
-                    run_after: j.run_after.unwrap_or(w.now),
-                    max_attempts: j.max_attempts.unwrap_or(w.opts.default_max_attempts),
-                    idempotency_key: j.idempotency_key,
-                };
-                w.tx.prepare_cached("INSERT OR IGNORE INTO projects (tenant, id) VALUES (?1, ?2)")?
-                    .execute(params![j.tenant, j.project])?;
-                let draft = EventDraft {
-                    at: w.now,
-                    tenant: j.tenant,
-                    project: j.project,
-                    job_id: Some(id),
-                    actor: actor.to_string(),
-                    correlation_id: j.correlation_id.unwrap_or_else(new_token),
-                    kind: EventKind::Enqueued(spec),
-                };
-                let job = w.record(draft, None)?.expect("enqueue creates a job");
-                out.push(Enqueued { job, created: true });
-            }
-            Ok(out)
-        })
+        self.check_new_jobs(&jobs)?;
+        self.write(|w| w.enqueue(actor, jobs))
     }
 
     #[instrument(skip_all, fields(worker = %req.worker, limit = req.limit))]
@@ -623,6 +660,7 @@ impl Store for SqliteStore {
         q.opt("project = ?", filter.project.clone());
         q.opt("source = ?", filter.source.clone());
         q.opt("correlation_id = ?", filter.correlation_id.clone());
+        q.opt("run_id = ?", filter.run);
         q.opt("updated_at >= ?", filter.updated_since.map(|t| t.as_millis()));
         q.opt("updated_at < ?", filter.updated_before.map(|t| t.as_millis()));
         self.read(|c| q.page(c, "id", page.limit, decode_job))
@@ -689,6 +727,305 @@ impl Store for SqliteStore {
             Ok(stats)
         })
     }
+
+    #[instrument(skip_all, fields(kind = %run.kind, jobs = jobs.len()))]
+    fn start_run(&self, actor: &str, run: NewRun, jobs: Vec<NewJob>) -> Result<(Run, Vec<Enqueued>), StoreError> {
+        check_name("tenant", &run.tenant)?;
+        check_name("project", &run.project)?;
+        check_name("run kind", &run.kind)?;
+        check_audit_fields(&run.reason, &run.ticket)?;
+        if jobs.iter().any(|j| j.tenant != run.tenant) {
+            return Err(StoreError::Invalid("a run's jobs must belong to its tenant".into()));
+        }
+        self.check_new_jobs(&jobs)?;
+        let id = self.write(|w| {
+            let doc = serde_json::json!({
+                "kind": run.kind,
+                "created_by": actor,
+                "created_at": w.now,
+                "params": run.params,
+                "reason": run.reason,
+                "ticket": run.ticket,
+            });
+            w.tx.execute(
+                "INSERT INTO runs (tenant, project, state, doc) VALUES (?1, ?2, 'started', ?3)",
+                params![run.tenant, run.project, doc.to_string()],
+            )?;
+            let id = w.tx.last_insert_rowid();
+            let details = serde_json::json!({
+                "run": id, "params": run.params, "reason": run.reason, "ticket": run.ticket, "jobs": jobs.len(),
+            });
+            w.audit(&run.tenant, &run.project, actor, format!("{}.started", run.kind), details)?;
+            let jobs = jobs.into_iter().map(|j| NewJob { run: Some(id), ..j }).collect();
+            let enqueued = w.enqueue(actor, jobs)?;
+            Ok((id, enqueued))
+        })?;
+        Ok((self.run(&Scope::Tenant(run.tenant), id.0)?, id.1))
+    }
+
+    fn run(&self, scope: &Scope, id: i64) -> Result<Run, StoreError> {
+        self.read(|c| {
+            let row: Option<(String, String, String)> = c
+                .prepare_cached("SELECT tenant, project, doc FROM runs WHERE id = ?1")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            match row {
+                Some((tenant, project, doc)) if scope.allows(&tenant) => decode_run(c, id, tenant, project, &doc),
+                _ => Err(StoreError::Missing { what: "run", id: id.to_string() }),
+            }
+        })
+    }
+
+    fn runs(&self, scope: &Scope, page: PageRequest) -> Result<Page<Run>, StoreError> {
+        let limit = page.limit.clamp(1, 1000);
+        self.read(|c| {
+            let mut q = Query::new("SELECT id, tenant, project, doc FROM runs WHERE id > ?", page.after);
+            q.opt("tenant = ?", scope.tenant().map(String::from));
+            q.sql.push_str(&format!(" ORDER BY id LIMIT {}", limit + 1));
+            let rows: Vec<(i64, String, String, String)> = c
+                .prepare(&q.sql)?
+                .query_map(params_from_iter(q.args.iter()), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<Result<_, _>>()?;
+            let more = rows.len() > limit;
+            let mut items = Vec::new();
+            for (id, tenant, project, doc) in rows.into_iter().take(limit) {
+                items.push(decode_run(c, id, tenant, project, &doc)?);
+            }
+            let next_after = if more { items.last().map(|r| r.id) } else { None };
+            Ok(Page { items, next_after })
+        })
+    }
+
+    #[instrument(skip_all, fields(kind = change.kind.as_str(), id = %change.id))]
+    fn put_setting(&self, actor: &str, change: SettingChange) -> Result<Event, StoreError> {
+        check_name("tenant", &change.tenant)?;
+        check_name("project", &change.project)?;
+        check_audit_fields(&change.reason, &change.ticket)?;
+        let id_ok = change.id == "*" && change.kind == SettingKind::Quota;
+        if !id_ok {
+            check_name(change.kind.as_str(), &change.id)?;
+        }
+        if !change.doc.is_object() {
+            return Err(StoreError::Invalid(format!("a {} must be a JSON object", change.kind.as_str())));
+        }
+        let doc = change.doc.to_string();
+        self.write(|w| {
+            match change.kind {
+                SettingKind::Source => {
+                    let host = change.doc.get("host").and_then(|h| h.as_str()).unwrap_or_default();
+                    check_text("source host", host, 253)?;
+                    if host.is_empty() {
+                        return Err(StoreError::Invalid("a source needs a host".into()));
+                    }
+                    w.tx.execute(
+                        "INSERT INTO sources (tenant, id, host, config) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (tenant, id) DO UPDATE SET host = excluded.host, config = excluded.config",
+                        params![change.tenant, change.id, host, doc],
+                    )?;
+                }
+                SettingKind::Quota => {
+                    w.tx.execute(
+                        "INSERT INTO quotas (tenant, queue, doc) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (tenant, queue) DO UPDATE SET doc = excluded.doc",
+                        params![change.tenant, change.id, doc],
+                    )?;
+                }
+            }
+            let details = serde_json::json!({
+                "id": change.id, "value": change.doc, "reason": change.reason, "ticket": change.ticket,
+            });
+            w.audit(&change.tenant, &change.project, actor, format!("{}.put", change.kind.as_str()), details)
+        })
+    }
+
+    fn settings(&self, scope: &Scope, kind: SettingKind) -> Result<Vec<Setting>, StoreError> {
+        let sql = match kind {
+            SettingKind::Source => "SELECT tenant, id, config FROM sources WHERE 1 = 1",
+            SettingKind::Quota => "SELECT tenant, queue, doc FROM quotas WHERE 1 = 1",
+        };
+        let mut q = Query { sql: sql.to_string(), args: Vec::new() };
+        q.opt("tenant = ?", scope.tenant().map(String::from));
+        q.sql.push_str(" ORDER BY 1, 2");
+        self.read(|c| {
+            let rows: Vec<(String, String, String)> = c
+                .prepare(&q.sql)?
+                .query_map(params_from_iter(q.args.iter()), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            rows.into_iter()
+                .map(|(tenant, id, doc)| {
+                    let doc = serde_json::from_str(&doc).map_err(|e| StoreError::Corrupt(format!("setting: {e}")))?;
+                    Ok(Setting { tenant, kind, id, doc })
+                })
+                .collect()
+        })
+    }
+
+    fn put_token(&self, t: NewToken) -> Result<TokenRecord, StoreError> {
+        if t.tenant != "*" {
+            check_name("tenant", &t.tenant)?;
+        }
+        check_name("token id", &t.id)?;
+        check_text("label", &t.label, 256)?;
+        for s in &t.scopes {
+            check_name("scope", s)?;
+        }
+        self.write(|w| {
+            w.tx.execute(
+                "INSERT INTO api_tokens (id, tenant, scopes, label, hash, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    t.id,
+                    t.tenant,
+                    t.scopes.join(" "),
+                    t.label,
+                    t.hash,
+                    w.now.as_millis(),
+                    t.expires_at.map(|e| e.as_millis())
+                ],
+            )?;
+            Ok(())
+        })?;
+        self.read(|c| token_where(c, "id = ?1", &t.id))?.ok_or_else(|| StoreError::Corrupt("token vanished".into()))
+    }
+
+    fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.read(|c| token_where(c, "hash = ?1", hash))
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<TokenRecord, StoreError> {
+        let changed = self.write(|w| {
+            Ok(w.tx.execute(
+                "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                params![id, w.now.as_millis()],
+            )?)
+        })?;
+        if changed == 0 {
+            return Err(StoreError::Missing { what: "token", id: id.to_string() });
+        }
+        self.read(|c| token_where(c, "id = ?1", id))?.ok_or_else(|| StoreError::Corrupt("token vanished".into()))
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(&format!("{TOKEN_SELECT} ORDER BY id"))?;
+            let rows = stmt.query_map([], token_row)?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn idempotency_begin(&self, tenant: &str, key: &str, fingerprint: &str) -> Result<IdempotencyBegin, StoreError> {
+        self.write(|w| {
+            let row: Option<(String, Option<i64>, Option<Vec<u8>>)> = w
+                .tx
+                .prepare_cached("SELECT fingerprint, status, response FROM idempotency WHERE tenant = ?1 AND key = ?2")?
+                .query_row(params![tenant, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            Ok(match row {
+                None => {
+                    w.tx.prepare_cached(
+                        "INSERT INTO idempotency (tenant, key, fingerprint, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![tenant, key, fingerprint, w.now.as_millis()])?;
+                    IdempotencyBegin::Started
+                }
+                Some((f, _, _)) if f != fingerprint => IdempotencyBegin::Mismatch,
+                Some((_, Some(status), body)) => {
+                    IdempotencyBegin::Replay { status: status as u16, body: body.unwrap_or_default() }
+                }
+                Some((_, None, _)) => IdempotencyBegin::InFlight,
+            })
+        })
+    }
+
+    fn idempotency_finish(&self, tenant: &str, key: &str, status: u16, body: &[u8]) -> Result<(), StoreError> {
+        self.write(|w| {
+            w.tx.prepare_cached("UPDATE idempotency SET status = ?3, response = ?4 WHERE tenant = ?1 AND key = ?2")?
+                .execute(params![tenant, key, status, body])?;
+            Ok(())
+        })
+    }
+
+    fn idempotency_release(&self, tenant: &str, key: &str) -> Result<(), StoreError> {
+        self.write(|w| {
+            w.tx.prepare_cached("DELETE FROM idempotency WHERE tenant = ?1 AND key = ?2 AND status IS NULL")?
+                .execute(params![tenant, key])?;
+            Ok(())
+        })
+    }
+
+    fn purge_idempotency(&self, before: orch_core::Timestamp) -> Result<usize, StoreError> {
+        self.write(|w| Ok(w.tx.execute("DELETE FROM idempotency WHERE created_at < ?1", [before.as_millis()])?))
+    }
+}
+
+const TOKEN_SELECT: &str = "SELECT id, tenant, scopes, label, created_at, expires_at, revoked_at FROM api_tokens";
+
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let scopes: String = r.get(2)?;
+    Ok(TokenRecord {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        scopes: scopes.split_whitespace().map(str::to_string).collect(),
+        label: r.get(3)?,
+        created_at: orch_core::Timestamp::from_millis(r.get(4)?),
+        expires_at: r.get::<_, Option<i64>>(5)?.map(orch_core::Timestamp::from_millis),
+        revoked_at: r.get::<_, Option<i64>>(6)?.map(orch_core::Timestamp::from_millis),
+    })
+}
+
+fn token_where(c: &Connection, cond: &str, arg: &str) -> Result<Option<TokenRecord>, StoreError> {
+    Ok(c.prepare_cached(&format!("{TOKEN_SELECT} WHERE {cond}"))?.query_row([arg], token_row).optional()?)
+}
+
+/// Reason and ticket of audited operations: short single-line text.
+fn check_audit_fields(reason: &Option<String>, ticket: &Option<String>) -> Result<(), StoreError> {
+    if let Some(r) = reason {
+        check_text("reason", r, 1024)?;
+    }
+    if let Some(t) = ticket {
+        check_text("ticket", t, 256)?;
+    }
+    Ok(())
+}
+
+fn decode_run(c: &Connection, id: i64, tenant: String, project: String, doc: &str) -> Result<Run, StoreError> {
+    let doc: serde_json::Value =
+        serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(format!("run {id} does not decode: {e}")))?;
+    let text = |k: &str| doc.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let mut jobs = std::collections::BTreeMap::new();
+    let mut stmt =
+        c.prepare_cached("SELECT state, count(*) FROM jobs WHERE tenant = ?1 AND run_id = ?2 GROUP BY state")?;
+    let mut rows = stmt.query(params![tenant, id])?;
+    while let Some(r) = rows.next()? {
+        jobs.insert(r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64);
+    }
+    let active = ["queued", "running"].iter().any(|s| jobs.contains_key(*s));
+    let all_ok = jobs.keys().all(|s| s == "succeeded");
+    let state = if active {
+        "active"
+    } else if all_ok {
+        "completed"
+    } else {
+        "failed"
+    };
+    let created_at = doc
+        .get("created_at")
+        .cloned()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("run {id} has no created_at")))?;
+    Ok(Run {
+        id,
+        tenant,
+        project,
+        kind: text("kind").unwrap_or_default(),
+        created_by: text("created_by").unwrap_or_default(),
+        created_at,
+        params: doc.get("params").cloned().unwrap_or_default(),
+        reason: text("reason"),
+        ticket: text("ticket"),
+        state: state.to_string(),
+        jobs,
+    })
 }
 
 /// The actor of a worker event: the worker holding the job's lease.

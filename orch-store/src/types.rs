@@ -57,6 +57,8 @@ pub struct NewJob {
     pub correlation_id: Option<String>,
     /// Idempotency key, unique per tenant.
     pub idempotency_key: Option<String>,
+    /// The run the job belongs to (set by [`Store::start_run`](crate::Store::start_run)).
+    pub run: Option<i64>,
 }
 
 impl NewJob {
@@ -73,6 +75,7 @@ impl NewJob {
             max_attempts: None,
             correlation_id: None,
             idempotency_key: None,
+            run: None,
         }
     }
 }
@@ -180,6 +183,8 @@ pub struct JobFilter {
     pub source: Option<String>,
     /// Correlation id.
     pub correlation_id: Option<String>,
+    /// Run.
+    pub run: Option<i64>,
     /// Last changed at or after.
     pub updated_since: Option<Timestamp>,
     /// Last changed before.
@@ -279,4 +284,156 @@ impl Default for StoreOptions {
             max_payload_bytes: 1 << 20,
         }
     }
+}
+
+/// An API token as stored: its secret only as a SHA-256 hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TokenRecord {
+    /// Public id (for listing and revoking).
+    pub id: String,
+    /// The tenant the token is bound to, or `*` for a site administrator.
+    pub tenant: String,
+    /// What the token may do, e.g. `orch:read`.
+    pub scopes: Vec<String>,
+    /// A note saying whose token it is.
+    pub label: String,
+    /// When it was made.
+    pub created_at: Timestamp,
+    /// When it stops working, if ever.
+    pub expires_at: Option<Timestamp>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// A token to store: its record and the hex SHA-256 of its secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewToken {
+    /// Public id.
+    pub id: String,
+    /// Tenant or `*`.
+    pub tenant: String,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Note.
+    pub label: String,
+    /// Expiry.
+    pub expires_at: Option<Timestamp>,
+    /// Hex SHA-256 of the secret.
+    pub hash: String,
+}
+
+/// What [`Store::idempotency_begin`](crate::Store::idempotency_begin) found for a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// The key is new and now reserved for this request.
+    Started,
+    /// The key was used with the same request, whose response this is.
+    Replay {
+        /// HTTP status.
+        status: u16,
+        /// Response body.
+        body: Vec<u8>,
+    },
+    /// The key was used with a different request.
+    Mismatch,
+    /// The key's first request is still being processed.
+    InFlight,
+}
+
+/// The kinds of tenant settings kept by [`Store::put_setting`](crate::Store::put_setting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SettingKind {
+    /// An upstream source (its host keys rate limits and breakers); the doc has a `host`.
+    Source,
+    /// Limits for a job type, or `*` for the whole tenant.
+    Quota,
+}
+
+impl SettingKind {
+    /// The name used in audit actions (`source.put`, `quota.put`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettingKind::Source => "source",
+            SettingKind::Quota => "quota",
+        }
+    }
+}
+
+/// A change of one setting, recorded as an `audit` event in the tenant's history.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SettingChange {
+    /// The tenant.
+    pub tenant: String,
+    /// The project the audit event is filed under.
+    pub project: String,
+    /// Which setting.
+    pub kind: SettingKind,
+    /// Its id (a source id, a job type).
+    pub id: String,
+    /// The new value.
+    pub doc: Value,
+    /// Why (required for quotas by the API).
+    pub reason: Option<String>,
+    /// The change ticket.
+    pub ticket: Option<String>,
+}
+
+/// A stored setting.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Setting {
+    /// The tenant.
+    pub tenant: String,
+    /// Which setting.
+    pub kind: SettingKind,
+    /// Its id.
+    pub id: String,
+    /// Its value.
+    pub doc: Value,
+}
+
+/// A run to start: a group of jobs made by one operation (a backfill, a schedule firing).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewRun {
+    /// The tenant.
+    pub tenant: String,
+    /// The project.
+    pub project: String,
+    /// What made it, e.g. `backfill`; the audit action is `<kind>.started`.
+    pub kind: String,
+    /// Its parameters, as recorded.
+    pub params: Value,
+    /// Why.
+    pub reason: Option<String>,
+    /// The change ticket.
+    pub ticket: Option<String>,
+}
+
+/// A run and where its jobs are.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Run {
+    /// Its id.
+    pub id: i64,
+    /// The tenant.
+    pub tenant: String,
+    /// The project.
+    pub project: String,
+    /// What made it.
+    pub kind: String,
+    /// Who started it.
+    pub created_by: String,
+    /// When.
+    pub created_at: Timestamp,
+    /// Its parameters.
+    pub params: Value,
+    /// Why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The change ticket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+    /// `active` while a job is queued or running, else `completed` (all succeeded) or `failed`.
+    pub state: String,
+    /// Its jobs by state name.
+    pub jobs: BTreeMap<String, u64>,
 }

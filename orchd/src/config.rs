@@ -30,8 +30,12 @@ pub struct Settings {
     pub default_max_attempts: u32,
     /// Largest job payload, in bytes of JSON.
     pub max_payload_bytes: usize,
-    /// Largest HTTP request body, in bytes.
+    /// Largest HTTP request body, in bytes (larger ones get 413 `body_too_large`).
     pub max_body_bytes: usize,
+    /// How long the response to an `Idempotency-Key` is kept, in milliseconds.
+    pub idempotency_ttl_ms: u64,
+    /// JWTs of an external Authority, checked against a local JWKS file.
+    pub jwt: crate::jwt::JwtSettings,
     /// Backoff after failures.
     pub retry: RetryPolicy,
     /// How often the reaper looks for lapsed leases, in milliseconds.
@@ -54,6 +58,8 @@ impl Default for Settings {
             default_max_attempts: store.default_max_attempts,
             max_payload_bytes: store.max_payload_bytes,
             max_body_bytes: 2 << 20,
+            idempotency_ttl_ms: 24 * 3_600_000,
+            jwt: crate::jwt::JwtSettings::default(),
             retry: store.retry,
             reaper_interval_ms: 1_000,
             log_format: "text".into(),
@@ -96,6 +102,12 @@ impl Settings {
         }
         if self.retry.base_ms == 0 || self.retry.base_ms > self.retry.max_ms {
             bail!("retry.base_ms must be between 1 and retry.max_ms ({})", self.retry.max_ms);
+        }
+        if self.max_body_bytes < 1024 {
+            bail!("max_body_bytes must be at least 1024");
+        }
+        if self.idempotency_ttl_ms == 0 {
+            bail!("idempotency_ttl_ms must be at least 1");
         }
         if self.reaper_interval_ms == 0 {
             bail!("reaper_interval_ms must be at least 1");

@@ -14,8 +14,30 @@ use crate::AppState;
 const QUEUES: [&str; 2] = ["ingest.nvd", "analyze"];
 const TENANTS: [&str; 2] = ["acme", "globex"];
 
+/// Makes a read-only site token for this demo and says on stderr how to use it.
+fn announce_token(state: &AppState) {
+    let (id, secret) = crate::http::auth::mint_token();
+    let token = orch_store::NewToken {
+        id,
+        tenant: "*".into(),
+        scopes: vec![crate::http::auth::READ.into()],
+        label: "orchd serve --demo".into(),
+        expires_at: Some(state.clock.now().plus_millis(24 * 3_600_000)),
+        hash: crate::http::auth::token_hash(&secret),
+    };
+    match state.store.put_token(token) {
+        Ok(_) => eprintln!(
+            "demo: a read-only site token, valid for 24 h: {secret}\n\
+             demo: try  curl -H 'Authorization: Bearer {secret}' 'http://{}/api/v1/jobs?limit=5'",
+            state.settings.listen
+        ),
+        Err(e) => tracing::error!(error = %e, "could not make the demo token"),
+    }
+}
+
 /// Starts the demo producer and worker.
 pub fn spawn(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    announce_token(state);
     let producer = {
         let mut n = 0u64;
         crate::services::spawn_periodic(

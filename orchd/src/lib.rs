@@ -4,6 +4,8 @@
 pub mod config;
 pub mod demo;
 pub mod http;
+#[path = "jwt_stub.rs"]
+pub mod jwt;
 pub mod services;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,13 +23,21 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// The validated settings.
     pub settings: Arc<config::Settings>,
+    /// Verifies JWTs of the configured Authority, if one is.
+    pub jwt: Option<Arc<jwt::JwtVerifier>>,
     ready: Arc<AtomicBool>,
 }
 
 impl AppState {
     /// A state over an opened store; not ready until [`AppState::set_ready`].
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, settings: config::Settings) -> Self {
-        AppState { store, clock, settings: Arc::new(settings), ready: Arc::new(AtomicBool::new(false)) }
+        AppState { store, clock, settings: Arc::new(settings), jwt: None, ready: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// Accepts JWTs checked by `verifier`.
+    pub fn with_jwt(mut self, verifier: Option<jwt::JwtVerifier>) -> Self {
+        self.jwt = verifier.map(Arc::new);
+        self
     }
 
     /// Marks the daemon ready to serve (migrations ran, services started).

@@ -1,5 +1,6 @@
 //! `orchd`: the command line. Parses arguments, loads settings, starts tracing, and calls the
-//! library. Exit codes: 0 success, 1 a check failed, 2 usage, configuration or IO error.
+//! library. Exit codes: 0 success, 1 a check failed or the thing named does not exist, 2 usage,
+//! configuration or IO error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,13 @@ enum Command {
         #[arg(long)]
         demo: bool,
     },
+    /// Manage API tokens (bound to a tenant, or `*` for site administrators, with scopes).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Print the control plane's OpenAPI 3.1 document.
+    Openapi,
     /// Verify a ledger: every event's hash, each tenant's hash chain, and that replaying the
     /// history reproduces the jobs table exactly. Exit 1 if anything is wrong.
     Check {
@@ -43,6 +51,45 @@ enum Command {
         #[arg(long, default_value = "orchd.db")]
         db: PathBuf,
         /// Print the report as one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it once on stdout (only its hash is stored).
+    Create {
+        /// Ledger file.
+        #[arg(long, default_value = "orchd.db")]
+        db: PathBuf,
+        /// The tenant the token is bound to, or `*` for a site administrator.
+        #[arg(long)]
+        tenant: String,
+        /// Comma-separated scopes: orch:read, orch:work, orch:operate, orch:quota, orch:backfill, orch:admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        /// Expiry: a duration from now (`30d`, `12h`) or an RFC 3339 time. Default: never.
+        #[arg(long)]
+        expires: Option<String>,
+        /// A note saying whose token it is.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// Revoke a token by id; it stops working at once.
+    Revoke {
+        /// Ledger file.
+        #[arg(long, default_value = "orchd.db")]
+        db: PathBuf,
+        /// The token's id (as `token list` shows).
+        id: String,
+    },
+    /// List tokens (never their secrets).
+    List {
+        /// Ledger file.
+        #[arg(long, default_value = "orchd.db")]
+        db: PathBuf,
+        /// One JSON document.
         #[arg(long)]
         json: bool,
     },
@@ -85,12 +132,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             serve(settings)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Token { command } => token(command),
+        Command::Openapi => {
+            println!("{}", serde_json::to_string_pretty(&orchd::http::openapi_document())?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { db, json } => {
-            if !db.exists() {
-                anyhow::bail!("{}: no such ledger", db.display());
-            }
-            let store = SqliteStore::open(&db, Arc::new(SystemClock), Default::default(), Default::default())
-                .with_context(|| format!("opening {}", db.display()))?;
+            let store = open_existing(&db)?;
             let report = orch_store::check_ledger(&store)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -109,8 +157,95 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Opens a ledger that must exist already.
+fn open_existing(db: &std::path::Path) -> anyhow::Result<SqliteStore> {
+    if !db.exists() {
+        anyhow::bail!("{}: no such ledger", db.display());
+    }
+    SqliteStore::open(db, Arc::new(SystemClock), Default::default(), Default::default())
+        .with_context(|| format!("opening {}", db.display()))
+}
+
+fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
+    use orchd::http::auth;
+    match command {
+        TokenCommand::Create { db, tenant, scopes, expires, label } => {
+            for s in &scopes {
+                if !auth::ALL_SCOPES.contains(&s.as_str()) {
+                    anyhow::bail!("unknown scope {s:?}; scopes are {}", auth::ALL_SCOPES.join(", "));
+                }
+            }
+            let now = orch_core::Clock::now(&SystemClock);
+            let expires_at = expires.as_deref().map(|e| parse_expiry(e, now)).transpose()?;
+            let store = SqliteStore::open(&db, Arc::new(SystemClock), Default::default(), Default::default())
+                .with_context(|| format!("opening {}", db.display()))?;
+            let (id, secret) = auth::mint_token();
+            let record = store.put_token(orch_store::NewToken {
+                id,
+                tenant,
+                scopes,
+                label,
+                expires_at,
+                hash: auth::token_hash(&secret),
+            })?;
+            eprintln!(
+                "created token {} for tenant {} with scopes {}{}; it is shown only once:",
+                record.id,
+                record.tenant,
+                record.scopes.join(","),
+                record.expires_at.map(|e| format!(", expiring {e}")).unwrap_or_default()
+            );
+            println!("{secret}");
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCommand::Revoke { db, id } => {
+            let store = open_existing(&db)?;
+            match store.revoke_token(&id) {
+                Ok(t) => {
+                    println!("revoked token {} (tenant {})", t.id, t.tenant);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(orch_store::StoreError::Missing { .. }) => {
+                    eprintln!("orchd: no token with id {id:?}");
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        TokenCommand::List { db, json } => {
+            let tokens = open_existing(&db)?.tokens()?;
+            if json {
+                println!("{}", serde_json::to_string(&tokens)?);
+            } else {
+                for t in tokens {
+                    let status = if t.revoked_at.is_some() { "revoked" } else { "active" };
+                    let expires = t.expires_at.map_or("never".to_string(), |e| e.to_string());
+                    println!(
+                        "{}\t{}\t{}\t{status}\texpires {expires}\t{}",
+                        t.id,
+                        t.tenant,
+                        t.scopes.join(","),
+                        t.label
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `30d`-style durations from `now`, or an RFC 3339 instant.
+fn parse_expiry(text: &str, now: orch_core::Timestamp) -> anyhow::Result<orch_core::Timestamp> {
+    if let Ok(d) = humantime::parse_duration(text) {
+        return Ok(now.plus_millis(d.as_millis().min(i64::MAX as u128) as i64));
+    }
+    orch_core::Timestamp::parse(text)
+        .map_err(|_| anyhow::anyhow!("--expires {text:?}: expected a duration like 30d or an RFC 3339 time"))
+}
+
 fn serve(settings: Settings) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let jwt = orchd::jwt::JwtVerifier::from_settings(&settings.jwt).context("loading the JWT settings")?;
     rt.block_on(async move {
         let clock = Arc::new(SystemClock);
         let sync = settings.sync_mode()?;
@@ -123,7 +258,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", settings.listen))?;
         tracing::info!(db = %settings.db.display(), "ledger open");
         let demo = settings.demo;
-        let state = AppState::new(store, clock, settings);
+        let state = AppState::new(store, clock, settings).with_jwt(jwt);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let demo_tasks = if demo { orchd::demo::spawn(&state, stop_rx) } else { Vec::new() };
         let shutdown = async move {

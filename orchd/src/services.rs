@@ -1,4 +1,5 @@
-//! Background services: the lease reaper (and, as they land, the scheduler and the breakers).
+//! Background services: the lease reaper and the idempotency-record sweeper (and, as they land,
+//! the scheduler and the breakers).
 //! Each is a task that loops on an interval until the stop signal flips.
 
 use std::time::Duration;
@@ -11,7 +12,22 @@ use crate::AppState;
 /// Starts every background service.
 pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     let interval = Duration::from_millis(state.settings.reaper_interval_ms);
-    vec![spawn_periodic("lease-reaper", state.clone(), interval, stop, |state| async move {
+    let ttl = state.settings.idempotency_ttl_ms;
+    let sweeper = spawn_periodic(
+        "idempotency-sweeper",
+        state.clone(),
+        Duration::from_secs(60),
+        stop.clone(),
+        move |st| async move {
+            let before = st.clock.now().plus_millis(-(ttl.min(i64::MAX as u64) as i64));
+            match st.blocking(move |s| s.purge_idempotency(before)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(records = n, "forgot old idempotency records"),
+                Err(e) => tracing::error!(error = %e, "idempotency sweeper failed"),
+            }
+        },
+    );
+    let reaper = spawn_periodic("lease-reaper", state.clone(), interval, stop, |state| async move {
         loop {
             match state.blocking(|s| s.reap_expired_leases(1_000)).await {
                 Ok(1_000) => continue, // more may be waiting
@@ -22,7 +38,8 @@ pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandl
                 }
             }
         }
-    })]
+    });
+    vec![reaper, sweeper]
 }
 
 /// Runs `tick` every `interval` until `stop` becomes true.

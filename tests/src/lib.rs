@@ -34,10 +34,16 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `orchd serve --db DB --listen 127.0.0.1:0 EXTRA…` and waits until it listens.
     pub fn start(db: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_env(db, extra, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables (`ORCHD_*` settings).
+    pub fn start_env(db: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(bin("orchd"))
             .args(["serve", "--listen", "127.0.0.1:0", "--db"])
             .arg(db)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -113,6 +119,121 @@ pub fn run(name: &str, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Makes an API token with `orchd token create`; panics if it fails.
+pub fn token(db: &Path, tenant: &str, scopes: &str) -> String {
+    let db = db.to_str().expect("UTF-8 path");
+    let (code, out, err) = run("orchd", &["token", "create", "--db", db, "--tenant", tenant, "--scopes", scopes]);
+    assert_eq!(code, 0, "token create failed: {err}");
+    out.trim().to_string()
+}
+
+/// A small HTTP client for the control plane that never treats a status as an error.
+pub mod api {
+    use serde_json::Value;
+
+    /// An answer.
+    #[derive(Debug)]
+    pub struct Reply {
+        /// HTTP status.
+        pub status: u16,
+        /// Headers, lower-case names.
+        pub headers: Vec<(String, String)>,
+        /// The body as JSON (`Null` if it is not JSON).
+        pub json: Value,
+        /// The raw body.
+        pub bytes: Vec<u8>,
+    }
+
+    impl Reply {
+        /// A header's value.
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        }
+
+        /// The error envelope's code (panics with the body if it is not an envelope).
+        pub fn code(&self) -> &str {
+            self.json["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error envelope: {self:?}"))
+        }
+    }
+
+    /// A client bound to one base URL and (optionally) one bearer token.
+    #[derive(Clone)]
+    pub struct Client {
+        agent: ureq::Agent,
+        base: String,
+        token: Option<String>,
+        headers: Vec<(String, String)>,
+    }
+
+    impl Client {
+        /// A client for `base` (e.g. `http://127.0.0.1:4000`).
+        pub fn new(base: &str, token: Option<&str>) -> Client {
+            let config = ureq::Agent::config_builder().http_status_as_error(false).max_redirects(0).build();
+            Client {
+                agent: ureq::Agent::new_with_config(config),
+                base: base.to_string(),
+                token: token.map(str::to_string),
+                headers: Vec::new(),
+            }
+        }
+
+        /// The same client sending one more header on every request.
+        pub fn with_header(&self, name: &str, value: &str) -> Client {
+            let mut c = self.clone();
+            c.headers.push((name.to_string(), value.to_string()));
+            c
+        }
+
+        /// GET.
+        pub fn get(&self, path: &str) -> Reply {
+            self.send("GET", path, None, &[])
+        }
+
+        /// POST JSON.
+        pub fn post(&self, path: &str, body: &Value) -> Reply {
+            self.send("POST", path, Some(body.to_string().into_bytes()), &[])
+        }
+
+        /// PUT JSON.
+        pub fn put(&self, path: &str, body: &Value) -> Reply {
+            self.send("PUT", path, Some(body.to_string().into_bytes()), &[])
+        }
+
+        /// Any request; a body is sent as `application/json` unless `headers` name a content type.
+        pub fn send(&self, method: &str, path: &str, body: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Reply {
+            let url = format!("{}{}", self.base, path);
+            let mut req = ureq::http::Request::builder().method(method).uri(&url);
+            if let Some(t) = &self.token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            for (k, v) in &self.headers {
+                req = req.header(k.as_str(), v.as_str());
+            }
+            let has_type = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+            if body.is_some() && !has_type {
+                req = req.header("content-type", "application/json");
+            }
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let resp = match body {
+                Some(b) => self.agent.run(req.body(b).expect("request")),
+                None => self.agent.run(req.body(()).expect("request")),
+            }
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or_default().to_string()))
+                .collect();
+            let bytes = resp.into_body().read_to_vec().expect("read body");
+            let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            Reply { status, headers, json, bytes }
+        }
+    }
 }
 
 /// Building ledgers and bundles for tests, deterministically where it matters.

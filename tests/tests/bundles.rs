@@ -55,6 +55,17 @@ fn export_verifies_and_is_byte_identical_across_exports() {
     assert_eq!(summary.signed_by, vec![key(2).key_id()]);
 }
 
+/// Whether a changed archive went unnoticed although what it holds changed. zstd streams have
+/// some redundancy (e.g. unused bits in entropy tables): a flip there decodes to the very same
+/// tar, whose signed contents are untouched, and passing verification is then right.
+fn went_unnoticed(original: &[u8], changed: &[u8]) -> bool {
+    let same_content = || {
+        let decode = |b: &[u8]| zstd::stream::decode_all(b).ok();
+        decode(changed).is_some() && decode(changed) == decode(original)
+    };
+    failures(changed).is_empty() && !same_content()
+}
+
 #[test]
 fn every_flipped_byte_fails_verification() {
     let s = setup();
@@ -62,7 +73,7 @@ fn every_flipped_byte_fails_verification() {
     for pos in (0..s.bytes.len()).step_by(13) {
         let mut b = s.bytes.clone();
         b[pos] ^= 0x01;
-        assert!(!failures(&b).is_empty(), "flipping byte {pos} of {} went unnoticed", s.bytes.len());
+        assert!(!went_unnoticed(&s.bytes, &b), "flipping byte {pos} of {} went unnoticed", s.bytes.len());
     }
 }
 
@@ -75,7 +86,7 @@ proptest! {
             let mut b = s.bytes.clone();
             let i = pos.index(b.len());
             b[i] ^= mask;
-            prop_assert!(!failures(&b).is_empty(), "byte {} ^ {:#x} went unnoticed", i, mask);
+            prop_assert!(!went_unnoticed(&s.bytes, &b), "byte {} ^ {:#x} went unnoticed", i, mask);
             Ok(())
         })?;
     }

@@ -1,0 +1,186 @@
+//! The HTTP control plane (axum): the Task Runner bridge and operator API under `/api/v1`, the
+//! deprecated `/api/v0` aliases, probes, and the OpenAPI document. Cross-cutting behaviour lives
+//! in layers: request ids, the API version header and the error envelope for every 4xx/5xx
+//! ([`envelope`]), authentication ([`auth`]) and `Idempotency-Key` ([`idempotency`]).
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod idempotency;
+pub mod jobs;
+pub mod legacy;
+pub mod openapi;
+pub mod ops;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{from_fn, from_fn_with_state, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::AppState;
+use error::{ApiError, ErrorBody, ErrorEnvelope};
+
+/// The API version every answer names in `Orch-Api-Version`.
+pub const API_VERSION: &str = "1";
+/// Where the OpenAPI document is served.
+pub const OPENAPI_PATH: &str = "/openapi/orchestrator.json";
+
+/// The documented routes that need no credentials.
+fn public() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).routes(routes!(well_known))
+}
+
+/// The documented routes behind authentication, and the document's fixed parts.
+#[allow(deprecated)]
+fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(jobs::enqueue, jobs::list))
+        .routes(routes!(jobs::enqueue_batch))
+        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::claim))
+        .routes(routes!(jobs::heartbeat))
+        .routes(routes!(jobs::ack))
+        .routes(routes!(jobs::ack_batch))
+        .routes(routes!(jobs::fail))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::retry))
+        .routes(routes!(jobs::artifact))
+        .routes(routes!(jobs::stats))
+        .routes(routes!(ops::history))
+        .routes(routes!(ops::runs))
+        .routes(routes!(ops::run))
+        .routes(routes!(ops::sources))
+        .routes(routes!(ops::source, ops::put_source))
+        .routes(routes!(ops::quotas))
+        .routes(routes!(ops::put_quota))
+        .routes(routes!(ops::backfill))
+        .routes(routes!(legacy::job))
+        .routes(routes!(legacy::summary))
+        .split_for_parts()
+}
+
+/// Both route sets and the whole document.
+fn parts() -> (Router<AppState>, Router<AppState>, Value) {
+    let (api, mut doc) = api();
+    let (public, public_doc) = public().split_for_parts();
+    doc.merge(public_doc);
+    (public, api, openapi::document(doc))
+}
+
+/// The OpenAPI 3.1 document this build serves.
+pub fn openapi_document() -> Value {
+    parts().2
+}
+
+/// The daemon's routes.
+pub fn router(state: AppState) -> Router {
+    let (public, api, doc) = parts();
+    let doc = std::sync::Arc::new(doc);
+    let api = api
+        .layer(from_fn_with_state(state.clone(), idempotency::idempotency))
+        .layer(from_fn_with_state(state.clone(), auth::authenticate));
+    public
+        .route(OPENAPI_PATH, get(move || async move { Json((*doc).clone()) }))
+        .merge(api)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(from_fn(envelope))
+        .with_state(state)
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "The process is alive", body = Object)))]
+/// Liveness.
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "Migrations ran and the services run", body = Object), (status = 503, body = ErrorEnvelope)))]
+/// Readiness: ready once the ledger is migrated and the services started.
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.is_ready() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "starting").into_response()
+    }
+}
+
+#[utoipa::path(get, path = "/.well-known/openapi", tag = "health",
+    responses((status = 302, description = "`Location` is the OpenAPI document", headers(("Location" = String)))))]
+/// Where the OpenAPI document is.
+async fn well_known() -> Response {
+    let mut resp = (StatusCode::FOUND, Json(json!({ "openapi": OPENAPI_PATH }))).into_response();
+    resp.headers_mut().insert(header::LOCATION, HeaderValue::from_static(OPENAPI_PATH));
+    resp
+}
+
+const REQUEST_ID: &str = "x-request-id";
+const VERSION: &str = "orch-api-version";
+
+/// Middleware around everything: gives the request an id (the client's `X-Request-Id` if
+/// sensible), names the API version, and makes every 4xx/5xx an error envelope carrying the id.
+async fn envelope(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("req-{:016x}", rand::random::<u64>()));
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    req.headers_mut().insert(REQUEST_ID, HeaderValue::from_str(&id).expect("checked ASCII"));
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let mut resp = if status.is_client_error() || status.is_server_error() {
+        if status.is_server_error() {
+            tracing::warn!(request_id = %id, %method, %path, %status, "request failed");
+        }
+        with_request_id(resp, &id).await
+    } else {
+        resp
+    };
+    let h = resp.headers_mut();
+    h.insert(HeaderName::from_static(VERSION), HeaderValue::from_static(API_VERSION));
+    h.insert(REQUEST_ID, HeaderValue::from_str(&id).expect("checked ASCII"));
+    resp
+}
+
+/// Puts the request id into an error envelope, or replaces a body that is not one.
+async fn with_request_id(resp: Response, id: &str) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = to_bytes(body, 1 << 20).await.unwrap_or_default();
+    let envelope = match serde_json::from_slice::<ErrorEnvelope>(&bytes) {
+        Ok(mut e) => {
+            e.error.request_id = id.to_string();
+            e
+        }
+        Err(_) => {
+            let text = String::from_utf8_lossy(&bytes).trim().to_string();
+            let message = if parts.status.is_server_error() || text.is_empty() {
+                parts.status.canonical_reason().unwrap_or("error").to_string()
+            } else {
+                text
+            };
+            ErrorEnvelope {
+                error: ErrorBody {
+                    code: error::code_for_status(parts.status).to_string(),
+                    message,
+                    details: json!({}),
+                    request_id: id.to_string(),
+                },
+            }
+        }
+    };
+    let body = serde_json::to_vec(&envelope).expect("envelopes encode");
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
+}
