@@ -71,7 +71,14 @@ impl Exported {
 
     /// Packs the bundle with its signed envelope (`manifest.dsse.json` bytes).
     pub fn pack(&self, envelope: &[u8]) -> std::io::Result<Vec<u8>> {
+        self.pack_with_roots(envelope, &[])
+    }
+
+    /// Packs the bundle carrying newer trust roots (`(version, root.json bytes)`) for offline
+    /// sites, as `roots/<version>.root.json`.
+    pub fn pack_with_roots(&self, envelope: &[u8], roots: &[(u64, Vec<u8>)]) -> std::io::Result<Vec<u8>> {
         let manifest = self.manifest_bytes();
+        let names: Vec<String> = roots.iter().map(|(v, _)| format!("{}{v}.root.json", bundle::ROOTS_DIR)).collect();
         let sums = bundle::sha256sums(bundle::DATA_FILES.iter().map(|n| (*n, &self.manifest.files[*n])));
         let mut entries: Vec<(&str, &[u8])> = vec![
             (bundle::SHA256SUMS, sums.as_bytes()),
@@ -79,6 +86,7 @@ impl Exported {
             (bundle::MANIFEST_DSSE, envelope),
         ];
         entries.extend(self.files.iter().map(|(n, c)| (*n, c.as_slice())));
+        entries.extend(names.iter().zip(roots).map(|(n, (_, c))| (n.as_str(), c.as_slice())));
         entries.sort_by(|a, b| a.0.cmp(b.0));
         let mtime = (self.manifest.time_anchor.at.as_millis().max(0) / 1000) as u64;
         crate::archive::pack(&entries, mtime)

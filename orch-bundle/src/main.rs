@@ -65,6 +65,10 @@ enum Command {
         /// Time anchor (RFC 3339) [default: the time of the last included event].
         #[arg(long)]
         anchor: Option<String>,
+        /// A directory of newer trust roots (`N.root.json`) to carry in the bundle, for offline
+        /// sites to rotate to.
+        #[arg(long)]
+        root_chain: Option<PathBuf>,
         /// File holding the key for redaction hashes.
         #[arg(long)]
         redaction_key: Option<PathBuf>,
@@ -163,7 +167,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", key.key_id());
         }
         Command::Root(cmd) => root_command(cmd)?,
-        Command::Export { db, keys, out, tenant, from_seq, to_seq, previous, site_id, anchor, redaction_key, json } => {
+        Command::Export {
+            db,
+            keys,
+            out,
+            tenant,
+            from_seq,
+            to_seq,
+            previous,
+            site_id,
+            anchor,
+            root_chain,
+            redaction_key,
+            json,
+        } => {
             if !db.exists() {
                 bail!("{}: no such ledger", db.display());
             }
@@ -208,7 +225,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bar.set_message("orch-bundle: signing and packing");
             }
             let envelope = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), &keys);
-            let bytes = exported.pack(&envelope)?;
+            let roots = match &root_chain {
+                Some(dir) => carried_roots(dir)?,
+                None => Vec::new(),
+            };
+            let bytes = exported.pack_with_roots(&envelope, &roots)?;
             write_atomic(&out, &bytes)?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
@@ -299,6 +320,25 @@ fn root_command(cmd: RootCommand) -> anyhow::Result<()> {
 }
 
 /// Writes a file atomically (temporary file in the same directory, then rename).
+/// The `N.root.json` files of a directory, checked to be roots named by their version.
+fn carried_roots(dir: &Path) -> anyhow::Result<Vec<(u64, Vec<u8>)>> {
+    let mut roots = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let Some(version) = name.strip_suffix(".root.json").and_then(|v| v.parse::<u64>().ok()) else { continue };
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let root: orch_core::trust::Root =
+            serde_json::from_slice(&bytes).with_context(|| format!("{}: not a root.json", path.display()))?;
+        if root.signed.version != version {
+            bail!("{}: holds root version {}", path.display(), root.signed.version);
+        }
+        roots.push((version, bytes));
+    }
+    roots.sort();
+    Ok(roots)
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing into {}", dir.display()))?;

@@ -38,6 +38,19 @@ pub const MANIFEST_DSSE: &str = "manifest.dsse.json";
 /// `sha256sum -c` checksums of every other data file.
 pub const SHA256SUMS: &str = "SHA256SUMS";
 
+/// Optional entries `roots/<N>.root.json`: newer trust roots carried to an offline site (each
+/// must be signed by its predecessor; verifiers walk to them from the root they trust).
+pub const ROOTS_DIR: &str = "roots/";
+
+/// The version of a carried root from its entry name (`roots/2.root.json` → 2).
+pub fn carried_root_version(name: &str) -> Option<u64> {
+    let v = name.strip_prefix(ROOTS_DIR)?.strip_suffix(".root.json")?;
+    if v.is_empty() || v.starts_with('0') || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
 /// Files listed in the manifest (and in `SHA256SUMS`), in archive order.
 pub const DATA_FILES: [&str; 4] = [BASE, HISTORY, JOBS, THROTTLES];
 

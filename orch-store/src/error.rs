@@ -43,6 +43,10 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The operation conflicts with the ledger's state (not a job's): e.g. an import that
+    /// another import overtook.
+    #[error("{0}")]
+    Refused(String),
     /// The request is malformed.
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -82,7 +86,7 @@ impl StoreError {
         match self {
             StoreError::NotFound(_) | StoreError::Missing { .. } | StoreError::ArtifactNotFound { .. } => "not_found",
             StoreError::LeaseLost { .. } => "lease_lost",
-            StoreError::Conflict { .. } => "conflict",
+            StoreError::Conflict { .. } | StoreError::Refused(_) => "conflict",
             StoreError::Invalid(_) => "invalid_request",
             StoreError::NotADatabase { .. } => "not_a_database",
             StoreError::NotALedger { .. } => "not_a_ledger",

@@ -109,6 +109,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets idempotency records made before `before`; returns how many.
     fn purge_idempotency(&self, before: orch_core::Timestamp) -> Result<usize, StoreError>;
+
+    /// How far imports from an origin site (and scope) got.
+    fn import_state(&self, site_id: &str, scope: &str) -> Result<Option<ImportState>, StoreError>;
+
+    /// Whether the bundle with this manifest digest was imported already.
+    fn bundle_imported(&self, manifest_sha256: &str) -> Result<bool, StoreError>;
+
+    /// Appends a planned bundle to the imported history, replays its jobs, moves the import
+    /// state forward and files an `import.applied` audit event, all in one transaction.
+    fn apply_import(&self, actor: &str, batch: ImportBatch) -> Result<ImportOutcome, StoreError>;
+
+    /// Imported events of an origin site with `from <= seq <= to`, as canonical lines, in order.
+    fn imported_history(&self, site_id: &str, from: u64, to: u64) -> Result<Vec<String>, StoreError>;
+
+    /// The jobs of an origin site as replaying its imported history gives them, by id.
+    fn imported_jobs(&self, site_id: &str) -> Result<Vec<Job>, StoreError>;
 }
 
 /// A consistent view of a ledger for export and checking.

@@ -20,7 +20,11 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const APPLICATION_ID: i64 = 0x4F52_4348;
 
 /// Numbered migrations; the n-th brings the schema to version n.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql"), include_str!("../migrations/0002_api.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_api.sql"),
+    include_str!("../migrations/0003_import.sql"),
+];
 
 /// How hard SQLite works to make commits durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -955,6 +959,188 @@ impl Store for SqliteStore {
 
     fn purge_idempotency(&self, before: orch_core::Timestamp) -> Result<usize, StoreError> {
         self.write(|w| Ok(w.tx.execute("DELETE FROM idempotency WHERE created_at < ?1", [before.as_millis()])?))
+    }
+
+    fn import_state(&self, site_id: &str, scope: &str) -> Result<Option<ImportState>, StoreError> {
+        self.read(|c| {
+            let row: Option<(i64, String, i64, i64, i64)> = c
+                .prepare_cached(
+                    "SELECT to_seq, manifest_sha256, anchor_at, root_version, bundles FROM import_sites
+                     WHERE site_id = ?1 AND scope = ?2",
+                )?
+                .query_row(params![site_id, scope], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+                .optional()?;
+            let Some((to_seq, manifest_sha256, anchor_at, root_version, bundles)) = row else { return Ok(None) };
+            let mut heads = std::collections::BTreeMap::new();
+            let mut stmt = c.prepare_cached(
+                "SELECT h.tenant, h.hash FROM imported_history h
+                 JOIN (SELECT tenant, MAX(seq) AS seq FROM imported_history WHERE site_id = ?1 GROUP BY tenant) m
+                   ON m.tenant = h.tenant AND m.seq = h.seq
+                 WHERE h.site_id = ?1",
+            )?;
+            let mut rows = stmt.query([site_id])?;
+            while let Some(r) = rows.next()? {
+                let tenant: String = r.get(0)?;
+                if scope == "*" || scope == tenant {
+                    heads.insert(tenant, r.get(1)?);
+                }
+            }
+            Ok(Some(ImportState {
+                site_id: site_id.to_string(),
+                scope: scope.to_string(),
+                to_seq: to_seq as u64,
+                manifest_sha256,
+                anchor_at: orch_core::Timestamp::from_millis(anchor_at),
+                root_version: root_version as u64,
+                bundles: bundles as u64,
+                heads,
+            }))
+        })
+    }
+
+    fn bundle_imported(&self, manifest_sha256: &str) -> Result<bool, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached("SELECT 1 FROM import_bundles WHERE manifest_sha256 = ?1")?
+                .query_row([manifest_sha256], |_| Ok(()))
+                .optional()?
+                .is_some())
+        })
+    }
+
+    #[instrument(skip_all, fields(site = %batch.site_id, from = batch.from_seq, to = batch.to_seq))]
+    fn apply_import(&self, actor: &str, batch: ImportBatch) -> Result<ImportOutcome, StoreError> {
+        self.write(|w| {
+            let current: Option<i64> = w
+                .tx
+                .prepare_cached("SELECT to_seq FROM import_sites WHERE site_id = ?1 AND scope = ?2")?
+                .query_row(params![batch.site_id, batch.scope], |r| r.get(0))
+                .optional()?;
+            if current.map(|v| v as u64) != batch.expect_to_seq {
+                return Err(StoreError::Refused(format!(
+                    "the import state of site {} changed while this bundle was planned; plan it again",
+                    batch.site_id
+                )));
+            }
+            let seen: Option<i64> = w
+                .tx
+                .prepare_cached("SELECT 1 FROM import_bundles WHERE manifest_sha256 = ?1")?
+                .query_row([&batch.manifest_sha256], |r| r.get(0))
+                .optional()?;
+            if seen.is_some() {
+                return Err(StoreError::Refused("this bundle was imported already".into()));
+            }
+            let base: HashMap<JobId, &Job> = batch.base.iter().map(|j| (j.id, j)).collect();
+            let mut jobs: HashMap<JobId, Option<Job>> = HashMap::new();
+            for (ev, line) in &batch.events {
+                let inserted = w
+                    .tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO imported_history (site_id, seq, tenant, job_id, hash, line)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )?
+                    .execute(params![batch.site_id, ev.seq as i64, ev.tenant, ev.job_id, ev.hash, line])?;
+                if inserted == 0 {
+                    return Err(StoreError::Refused(format!(
+                        "event {} of site {} is already imported",
+                        ev.seq, batch.site_id
+                    )));
+                }
+                let Some(id) = ev.job_id else { continue };
+                if !jobs.contains_key(&id) {
+                    let stored: Option<String> = w
+                        .tx
+                        .prepare_cached("SELECT doc FROM imported_jobs WHERE site_id = ?1 AND id = ?2")?
+                        .query_row(params![batch.site_id, id], |r| r.get(0))
+                        .optional()?;
+                    let prev = match stored {
+                        Some(doc) => Some(decode_job(&doc)?),
+                        None => base.get(&id).map(|j| (*j).clone()),
+                    };
+                    jobs.insert(id, prev);
+                }
+                let prev = jobs.get(&id).cloned().flatten();
+                let next = apply(prev.as_ref(), ev).map_err(|e| {
+                    StoreError::Refused(format!("event {} of site {} does not replay: {e}", ev.seq, batch.site_id))
+                })?;
+                jobs.insert(id, next);
+            }
+            let mut changed = 0u64;
+            for job in jobs.values().flatten() {
+                let doc = orch_core::canonical::to_vec(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                w.tx.prepare_cached(
+                    "INSERT INTO imported_jobs (site_id, id, tenant, doc) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (site_id, id) DO UPDATE SET tenant = excluded.tenant, doc = excluded.doc",
+                )?
+                .execute(params![batch.site_id, job.id, job.tenant, String::from_utf8_lossy(&doc)])?;
+                changed += 1;
+            }
+            let now = w.now.as_millis();
+            w.tx.execute(
+                "INSERT INTO import_sites (site_id, scope, to_seq, manifest_sha256, anchor_at, root_version, bundles, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)
+                 ON CONFLICT (site_id, scope) DO UPDATE SET to_seq = excluded.to_seq,
+                   manifest_sha256 = excluded.manifest_sha256,
+                   anchor_at = MAX(anchor_at, excluded.anchor_at),
+                   root_version = MAX(root_version, excluded.root_version),
+                   bundles = bundles + 1, updated_at = excluded.updated_at",
+                params![
+                    batch.site_id,
+                    batch.scope,
+                    batch.to_seq as i64,
+                    batch.manifest_sha256,
+                    batch.anchor_at.as_millis(),
+                    batch.root_version as i64,
+                    now
+                ],
+            )?;
+            w.tx.execute(
+                "INSERT INTO import_bundles (manifest_sha256, site_id, scope, from_seq, to_seq, events, imported_at, actor)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    batch.manifest_sha256,
+                    batch.site_id,
+                    batch.scope,
+                    batch.from_seq as i64,
+                    batch.to_seq as i64,
+                    batch.events.len() as i64,
+                    now,
+                    actor
+                ],
+            )?;
+            let mut details = batch.details.clone();
+            if let Some(obj) = details.as_object_mut() {
+                obj.insert("site_id".into(), batch.site_id.clone().into());
+                obj.insert("scope".into(), batch.scope.clone().into());
+                obj.insert("from_seq".into(), batch.from_seq.into());
+                obj.insert("to_seq".into(), batch.to_seq.into());
+                obj.insert("manifest_sha256".into(), batch.manifest_sha256.clone().into());
+                obj.insert("events".into(), (batch.events.len() as u64).into());
+            }
+            let audit = w.audit(SITE_TENANT, "imports", actor, "import.applied".into(), details)?;
+            Ok(ImportOutcome { events: batch.events.len() as u64, jobs: changed, audit_seq: audit.seq })
+        })
+    }
+
+    fn imported_history(&self, site_id: &str, from: u64, to: u64) -> Result<Vec<String>, StoreError> {
+        self.read(|c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT line FROM imported_history WHERE site_id = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq",
+                )?
+                .query_map(params![site_id, from as i64, to.min(i64::MAX as u64) as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn imported_jobs(&self, site_id: &str) -> Result<Vec<Job>, StoreError> {
+        self.read(|c| {
+            let docs: Vec<String> = c
+                .prepare_cached("SELECT doc FROM imported_jobs WHERE site_id = ?1 ORDER BY id")?
+                .query_map([site_id], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            docs.iter().map(|d| decode_job(d)).collect()
+        })
     }
 }
 

@@ -437,3 +437,66 @@ pub struct Run {
     /// Its jobs by state name.
     pub jobs: BTreeMap<String, u64>,
 }
+
+/// How far imports from one origin site (and bundle scope) got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ImportState {
+    /// The origin site.
+    pub site_id: String,
+    /// `*` for whole-site bundles, else the tenant.
+    pub scope: String,
+    /// The last sequence number imported.
+    pub to_seq: u64,
+    /// SHA-256 of the last imported bundle's `manifest.json`.
+    pub manifest_sha256: String,
+    /// The highest time anchor seen; never moves backwards.
+    pub anchor_at: Timestamp,
+    /// The trust root version that verified the last import; never moves backwards.
+    pub root_version: u64,
+    /// Bundles imported.
+    pub bundles: u64,
+    /// Each tenant's last imported event hash (the next bundle's `first_prev_hash`).
+    pub heads: BTreeMap<String, String>,
+}
+
+/// A verified, planned bundle to append to the imported history in one transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImportBatch {
+    /// The origin site.
+    pub site_id: String,
+    /// `*` or the tenant.
+    pub scope: String,
+    /// What the import state must still be (`None`: no import yet); another import in between
+    /// makes the batch a conflict.
+    pub expect_to_seq: Option<u64>,
+    /// First and last sequence numbers of the bundle.
+    pub from_seq: u64,
+    /// Last sequence number.
+    pub to_seq: u64,
+    /// SHA-256 of its `manifest.json`.
+    pub manifest_sha256: String,
+    /// Its time anchor.
+    pub anchor_at: Timestamp,
+    /// The trust root version that verified it.
+    pub root_version: u64,
+    /// Its events with their canonical lines, in sequence order.
+    pub events: Vec<(orch_core::Event, String)>,
+    /// Jobs as they were before the first event (`base.jsonl`), for jobs not imported yet.
+    pub base: Vec<Job>,
+    /// The `import.applied` audit event's details (reason, ticket, overrides…).
+    pub details: Value,
+}
+
+/// What an import wrote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ImportOutcome {
+    /// Events appended.
+    pub events: u64,
+    /// Jobs created or changed by replay.
+    pub jobs: u64,
+    /// The `import.applied` audit event's sequence number in this site's own history.
+    pub audit_seq: u64,
+}
+
+/// The tenant whose hash chain holds site-level audit events (imports).
+pub const SITE_TENANT: &str = "_site";

@@ -13,6 +13,8 @@ const MAX_TOTAL: u64 = 16 << 30;
 pub struct Entries {
     /// Content of each expected entry that was present.
     pub files: BTreeMap<String, Vec<u8>>,
+    /// Trust roots carried in the bundle (`roots/<N>.root.json`), by version.
+    pub roots: BTreeMap<u64, Vec<u8>>,
     /// Shape problems: (entry, message).
     pub problems: Vec<(String, String)>,
 }
@@ -27,7 +29,8 @@ pub fn read(bytes: &[u8]) -> Result<Entries, String> {
         let mut entry = entry.map_err(|e| format!("unreadable archive: {e}"))?;
         let path = entry.path_bytes();
         let name = String::from_utf8_lossy(&path).into_owned();
-        if !ALL_FILES.contains(&name.as_str()) {
+        let carried = orch_core::bundle::carried_root_version(&name);
+        if !ALL_FILES.contains(&name.as_str()) && carried.is_none() {
             let why = if name.contains("..") || name.starts_with('/') {
                 "path escapes the bundle"
             } else {
@@ -42,6 +45,12 @@ pub fn read(bytes: &[u8]) -> Result<Entries, String> {
         }
         let mut content = Vec::with_capacity(entry.size() as usize);
         entry.read_to_end(&mut content).map_err(|e| format!("unreadable entry {name}: {e}"))?;
+        if let Some(version) = carried {
+            if out.roots.insert(version, content).is_some() {
+                out.problems.push((name, "duplicate entry".into()));
+            }
+            continue;
+        }
         if out.files.insert(name.clone(), content).is_some() {
             out.problems.push((name, "duplicate entry".into()));
         }

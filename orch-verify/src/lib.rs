@@ -29,6 +29,34 @@ pub struct VerifyOptions {
     pub max_age_ms: Option<u64>,
 }
 
+/// Reads a trusted `root.json` and, from `chain_dir`, the newer roots (`N.root.json`) to rotate
+/// to, in version order. Errors name the file.
+pub fn load_roots(root: &std::path::Path, chain_dir: Option<&std::path::Path>) -> Result<(Root, Vec<Root>), String> {
+    let read_root = |path: &std::path::Path| -> Result<Root, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: not a root.json: {e}", path.display()))
+    };
+    let trusted = read_root(root)?;
+    let mut chain = Vec::new();
+    if let Some(dir) = chain_dir {
+        let mut files: Vec<(u64, std::path::PathBuf)> = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))? {
+            let path = entry.map_err(|e| format!("reading {}: {e}", dir.display()))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if let Some(v) = name.strip_suffix(".root.json").and_then(|v| v.parse().ok()) {
+                files.push((v, path));
+            }
+        }
+        files.sort();
+        for (v, path) in files {
+            if v > trusted.signed.version {
+                chain.push(read_root(&path)?);
+            }
+        }
+    }
+    Ok((trusted, chain))
+}
+
 /// One failed check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Failure {
@@ -154,7 +182,24 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
     // Trust root chain, then signatures against the newest root's bundle role.
     cx.check("root");
     let anchor = manifest.time_anchor.at;
-    let root = match orch_core::trust::verify_chain(&opts.root, &opts.root_chain) {
+    // Newer roots come from the verifier's chain and from the bundle itself (Offline Kit); each
+    // must be signed by its predecessor, so a carried root cannot grant what the trusted one
+    // did not.
+    let mut chain: BTreeMap<u64, Root> = opts.root_chain.iter().map(|r| (r.signed.version, r.clone())).collect();
+    for (version, bytes) in &entries.roots {
+        if *version <= opts.root.signed.version || chain.contains_key(version) {
+            continue;
+        }
+        match serde_json::from_slice::<Root>(bytes) {
+            Ok(r) if r.signed.version == *version => {
+                chain.insert(*version, r);
+            }
+            Ok(_) => cx.fail("root", format!("roots/{version}.root.json"), "its version differs from its name"),
+            Err(e) => cx.fail("root", format!("roots/{version}.root.json"), format!("unreadable: {e}")),
+        }
+    }
+    let chain: Vec<Root> = chain.into_values().collect();
+    let root = match orch_core::trust::verify_chain(&opts.root, &chain) {
         Ok(r) => r,
         Err(e) => {
             cx.fail("root", "root-chain", e.to_string());

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use orch_core::trust::Root;
 use orch_core::Timestamp;
 use orch_verify::{proof, verify, VerifyOptions};
 
@@ -87,29 +86,9 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn read_root(path: &Path) -> anyhow::Result<Root> {
-    serde_json::from_slice(&read(path)?).with_context(|| format!("{}: not a root.json", path.display()))
-}
-
 fn options(t: &TrustArgs) -> anyhow::Result<VerifyOptions> {
-    let root = read_root(t.root.as_deref().context("--root is required")?)?;
-    let mut chain = Vec::new();
-    if let Some(dir) = &t.root_chain {
-        let mut files: Vec<(u64, PathBuf)> = Vec::new();
-        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-            let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if let Some(v) = name.strip_suffix(".root.json").and_then(|v| v.parse().ok()) {
-                files.push((v, path));
-            }
-        }
-        files.sort();
-        for (v, path) in files {
-            if v > root.signed.version {
-                chain.push(read_root(&path)?);
-            }
-        }
-    }
+    let root_path = t.root.as_deref().context("--root is required")?;
+    let (root, chain) = orch_verify::load_roots(root_path, t.root_chain.as_deref()).map_err(anyhow::Error::msg)?;
     let now = match &t.now {
         Some(s) => Some(Timestamp::parse(s)?),
         None => Some(Timestamp::from_millis(

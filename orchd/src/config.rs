@@ -36,6 +36,8 @@ pub struct Settings {
     pub idempotency_ttl_ms: u64,
     /// JWTs of an external Authority, checked against a local JWKS file.
     pub jwt: crate::jwt::JwtSettings,
+    /// Bundle import over the API (`POST /api/v1/imports`).
+    pub import: ImportSettings,
     /// Backoff after failures.
     pub retry: RetryPolicy,
     /// How often the reaper looks for lapsed leases, in milliseconds.
@@ -60,11 +62,32 @@ impl Default for Settings {
             max_body_bytes: 2 << 20,
             idempotency_ttl_ms: 24 * 3_600_000,
             jwt: crate::jwt::JwtSettings::default(),
+            import: ImportSettings::default(),
             retry: store.retry,
             reaper_interval_ms: 1_000,
             log_format: "text".into(),
             demo: false,
         }
+    }
+}
+
+/// What the API's importer trusts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImportSettings {
+    /// The trusted root.json; imports over the API are refused until it is set.
+    pub root: Option<PathBuf>,
+    /// A directory of newer roots (`N.root.json`) to rotate to.
+    pub root_chain: Option<PathBuf>,
+    /// The oldest a bundle's time anchor may be, in milliseconds.
+    pub max_age_ms: Option<u64>,
+    /// Largest bundle accepted over the API, in bytes.
+    pub max_bundle_bytes: usize,
+}
+
+impl Default for ImportSettings {
+    fn default() -> Self {
+        ImportSettings { root: None, root_chain: None, max_age_ms: None, max_bundle_bytes: 256 << 20 }
     }
 }
 

@@ -44,6 +44,39 @@ enum Command {
     },
     /// Print the control plane's OpenAPI 3.1 document.
     Openapi,
+    /// Import a bundle from another site (Offline Kit): verify it as orch-verify does, plan it
+    /// against what was imported before, and apply it in one transaction. Exit 1 if refused.
+    Import {
+        /// The bundle (.tar.zst).
+        file: PathBuf,
+        /// Ledger file.
+        #[arg(long, default_value = "orchd.db")]
+        db: PathBuf,
+        /// The trusted root.json.
+        #[arg(long)]
+        root: PathBuf,
+        /// A directory of newer roots (`N.root.json`) to rotate to.
+        #[arg(long)]
+        root_chain: Option<PathBuf>,
+        /// Largest allowed age of the bundle's time anchor, e.g. `30d`.
+        #[arg(long)]
+        max_age: Option<String>,
+        /// Only print the plan.
+        #[arg(long)]
+        dry_run: bool,
+        /// Accept a bundle older (time anchor or trust root) than what was imported before.
+        #[arg(long, requires_all = ["reason", "ticket"])]
+        allow_rollback: bool,
+        /// Why (recorded in the audit history).
+        #[arg(long)]
+        reason: Option<String>,
+        /// The change ticket (recorded in the audit history).
+        #[arg(long)]
+        ticket: Option<String>,
+        /// Print the plan (and outcome) as one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify a ledger: every event's hash, each tenant's hash chain, and that replaying the
     /// history reproduces the jobs table exactly. Exit 1 if anything is wrong.
     Check {
@@ -133,6 +166,55 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Token { command } => token(command),
+        Command::Import { file, db, root, root_chain, max_age, dry_run, allow_rollback, reason, ticket, json } => {
+            let (root, root_chain) =
+                orch_verify::load_roots(&root, root_chain.as_deref()).map_err(anyhow::Error::msg)?;
+            let max_age_ms = max_age
+                .map(|s| humantime::parse_duration(&s).with_context(|| format!("--max-age {s:?}")))
+                .transpose()?
+                .map(|d| d.as_millis() as u64);
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let opts = orchd::import::ImportOptions {
+                root,
+                root_chain,
+                now: orch_core::Clock::now(&SystemClock),
+                max_age_ms,
+                allow_rollback,
+                reason,
+                ticket,
+            };
+            let store = SqliteStore::open(&db, Arc::new(SystemClock), Default::default(), Default::default())
+                .with_context(|| format!("opening {}", db.display()))?;
+            let actor = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "operator".into()));
+            match orchd::import::import(&store, &actor, &bytes, &opts, !dry_run) {
+                Ok((plan, outcome)) => {
+                    if json {
+                        println!("{}", serde_json::json!({ "plan": plan, "outcome": outcome }));
+                    } else {
+                        let what = format!(
+                            "site {} events {}..={} ({} events, {} jobs)",
+                            plan.site_id, plan.from_seq, plan.to_seq, plan.events, plan.jobs
+                        );
+                        match (&outcome, plan.status.as_str()) {
+                            (_, "already_imported") => println!("already imported: {what}; nothing to do"),
+                            (Some(o), _) => println!("imported {what}; audit event {}", o.audit_seq),
+                            (None, _) => println!("would import {what}"),
+                        }
+                        for o in &plan.overrides {
+                            println!("override: {o}");
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e @ (orchd::import::ImportError::Store(_) | orchd::import::ImportError::ReasonRequired)) => {
+                    Err(e.into())
+                }
+                Err(e) => {
+                    eprintln!("orchd: refused: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
         Command::Openapi => {
             println!("{}", serde_json::to_string_pretty(&orchd::http::openapi_document())?);
             Ok(ExitCode::SUCCESS)

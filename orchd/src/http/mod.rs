@@ -61,6 +61,7 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(ops::quotas))
         .routes(routes!(ops::put_quota))
         .routes(routes!(ops::backfill))
+        .routes(routes!(ops::import))
         .routes(routes!(legacy::job))
         .routes(routes!(legacy::summary))
         .split_for_parts()

@@ -35,6 +35,7 @@ use utoipa::Modify;
         (name = "sources", description = "Upstream feeds"),
         (name = "quotas", description = "Per-tenant limits (audited)"),
         (name = "backfills", description = "Event-time backfills (audited)"),
+        (name = "imports", description = "Offline Kit: bundles from other sites"),
         (name = "legacy", description = "Deprecated aliases"),
         (name = "health", description = "Probes and discovery"),
     )

@@ -485,3 +485,105 @@ pub async fn backfill(
     let out = BackfillOut { run: Some(run.into()), windows, enqueued: made, existing: enqueued.len() - made };
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
+
+/// How to import.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ImportQuery {
+    /// Only plan.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Accept a bundle older (anchor or trust root) than what was imported (needs reason and ticket).
+    #[serde(default)]
+    pub allow_rollback: bool,
+    /// Why (recorded).
+    pub reason: Option<String>,
+    /// The change ticket (recorded).
+    pub ticket: Option<String>,
+}
+
+/// The plan, and what was written when it was applied.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImportOut {
+    /// What the bundle does to this ledger; `status` is `new` or `already_imported`.
+    #[schema(value_type = Object)]
+    pub plan: crate::import::Plan,
+    /// Events and jobs written, and the audit event; absent for a dry run or a no-op.
+    #[schema(value_type = Option<Object>)]
+    pub outcome: Option<orch_store::ImportOutcome>,
+}
+
+#[utoipa::path(post, path = "/api/v1/imports", tag = "imports", params(ImportQuery),
+    request_body(content = Vec<u8>, content_type = "application/zstd", description = "A bundle (.tar.zst)"),
+    responses((status = 201, description = "Imported", body = ImportOut), (status = 200, description = "Dry run, or already imported", body = ImportOut),
+        (status = "4XX", body = ErrorEnvelope)),
+    security(("bearer" = ["orch:admin"])))]
+/// Import a bundle from another site (site administrators): verified against the configured
+/// trust root, planned, and applied in one transaction.
+pub async fn import(
+    State(st): State<AppState>,
+    p: Principal,
+    q: Query<ImportQuery>,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    p.require(&[ADMIN])?;
+    if p.tenant.is_some() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "imports are for site administrators (tenant *)",
+        ));
+    }
+    let settings = st.settings.import.clone();
+    let Some(root_path) = settings.root.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "import_not_configured",
+            "no trust root is configured for imports (set import.root)",
+        ));
+    };
+    let bytes = axum::body::to_bytes(body, settings.max_bundle_bytes).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the bundle is larger than import.max_bundle_bytes",
+        )
+    })?;
+    let q = q.0;
+    let now = st.clock.now();
+    let actor = p.actor.clone();
+    let dry_run = q.dry_run;
+    let result = st
+        .blocking(move |store| {
+            let (root, root_chain) = orch_verify::load_roots(&root_path, settings.root_chain.as_deref())
+                .map_err(|e| orch_store::StoreError::Invalid(format!("the configured trust root: {e}")))?;
+            let opts = crate::import::ImportOptions {
+                root,
+                root_chain,
+                now,
+                max_age_ms: settings.max_age_ms,
+                allow_rollback: q.allow_rollback,
+                reason: q.reason,
+                ticket: q.ticket,
+            };
+            Ok(crate::import::import(store, &actor, &bytes, &opts, !dry_run))
+        })
+        .await?;
+    match result {
+        Ok((plan, outcome)) => {
+            let status = if outcome.is_some() { StatusCode::CREATED } else { StatusCode::OK };
+            Ok((status, Json(ImportOut { plan, outcome })).into_response())
+        }
+        Err(crate::import::ImportError::Store(e)) => Err(e.into()),
+        Err(e) => {
+            let status = match e {
+                crate::import::ImportError::Verify(_) | crate::import::ImportError::ReasonRequired => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                _ => StatusCode::CONFLICT,
+            };
+            Err(ApiError::new(status, e.code(), e.to_string()))
+        }
+    }
+}
