@@ -187,6 +187,7 @@ fn main() -> anyhow::Result<()> {
             anchor: None,
             redactor: orch_core::bundle::Redactor::new(Default::default(), Vec::new()),
             previous: None,
+            origin: None,
         };
         let exported = orch_bundle::export(&store, opts).context("export")?;
         let key = orch_core::trust::SigningKey::from_seed([2; 32]);

@@ -27,6 +27,9 @@ pub struct ExportOptions {
     pub redactor: Redactor,
     /// The bundle this one continues.
     pub previous: Option<PreviousBundle>,
+    /// Export the history imported from this origin site instead of the ledger's own (to
+    /// reproduce that site's bundles from a ledger rebuilt by imports).
+    pub origin: Option<String>,
 }
 
 /// Why an export failed. Nothing is written when it does.
@@ -119,7 +122,12 @@ pub fn export_with_progress(
 ) -> Result<Exported, ExportError> {
     let mut out: Option<Result<Exported, ExportError>> = None;
     store.snapshot(&mut |snap| {
-        out = Some(build(snap, opts.clone(), progress));
+        out = Some(match &opts.origin {
+            Some(origin) => {
+                snap.imported(origin).map_err(ExportError::from).and_then(|s| build(&*s, opts.clone(), progress))
+            }
+            None => build(snap, opts.clone(), progress),
+        });
         Ok(())
     })?;
     out.expect("snapshot ran")

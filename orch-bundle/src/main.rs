@@ -65,6 +65,10 @@ enum Command {
         /// Time anchor (RFC 3339) [default: the time of the last included event].
         #[arg(long)]
         anchor: Option<String>,
+        /// Export the history imported from this origin site (a ledger rebuilt by `orchd import`)
+        /// instead of the ledger's own; the manifest names the origin site.
+        #[arg(long)]
+        origin: Option<String>,
         /// A directory of newer trust roots (`N.root.json`) to carry in the bundle, for offline
         /// sites to rotate to.
         #[arg(long)]
@@ -177,6 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             previous,
             site_id,
             anchor,
+            origin,
             root_chain,
             redaction_key,
             json,
@@ -214,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anchor,
                 redactor: Redactor::new(RedactionPolicy::default(), redaction),
                 previous,
+                origin,
             };
             let exported = orch_bundle::export_with_progress(&store, opts, &mut |done, total| {
                 if let Some(bar) = &bar {

@@ -45,3 +45,12 @@ CREATE TABLE imported_jobs (
     doc         TEXT NOT NULL,
     PRIMARY KEY (site_id, id)
 ) WITHOUT ROWID;
+
+-- Throttle records carried by imported bundles (each bundle holds its scope's full set).
+CREATE TABLE imported_throttles (
+    site_id     TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    tenant      TEXT NOT NULL,
+    line        TEXT NOT NULL,
+    PRIMARY KEY (site_id, seq)
+) WITHOUT ROWID;

@@ -151,6 +151,9 @@ pub trait SnapshotReader {
         to: u64,
         f: &mut dyn FnMut(serde_json::Value) -> Result<(), StoreError>,
     ) -> Result<(), StoreError>;
+    /// The same view of the history imported from another site (in the same snapshot), so that
+    /// it can be exported again exactly as that site exported it.
+    fn imported(&self, site_id: &str) -> Result<Box<dyn SnapshotReader + '_>, StoreError>;
 }
 
 /// Checks a whole ledger: every event's hash, each tenant's chain, and that replaying the history

@@ -708,7 +708,7 @@ impl Store for SqliteStore {
         self.read(|c| {
             // A deferred transaction holds one WAL snapshot from its first read to its end.
             c.execute_batch("BEGIN DEFERRED")?;
-            let out = f(&SqliteSnapshot { conn: c });
+            let out = f(&SqliteSnapshot { conn: c, origin: None });
             c.execute_batch("COMMIT")?;
             out
         })
@@ -1046,23 +1046,30 @@ impl Store for SqliteStore {
                     )));
                 }
                 let Some(id) = ev.job_id else { continue };
-                if !jobs.contains_key(&id) {
-                    let stored: Option<String> = w
-                        .tx
-                        .prepare_cached("SELECT doc FROM imported_jobs WHERE site_id = ?1 AND id = ?2")?
-                        .query_row(params![batch.site_id, id], |r| r.get(0))
-                        .optional()?;
-                    let prev = match stored {
-                        Some(doc) => Some(decode_job(&doc)?),
-                        None => base.get(&id).map(|j| (*j).clone()),
-                    };
-                    jobs.insert(id, prev);
-                }
-                let prev = jobs.get(&id).cloned().flatten();
+                let prev = match jobs.remove(&id) {
+                    Some(known) => known,
+                    None => {
+                        let stored: Option<String> = w
+                            .tx
+                            .prepare_cached("SELECT doc FROM imported_jobs WHERE site_id = ?1 AND id = ?2")?
+                            .query_row(params![batch.site_id, id], |r| r.get(0))
+                            .optional()?;
+                        match stored {
+                            Some(doc) => Some(decode_job(&doc)?),
+                            None => base.get(&id).map(|j| (*j).clone()),
+                        }
+                    }
+                };
                 let next = apply(prev.as_ref(), ev).map_err(|e| {
                     StoreError::Refused(format!("event {} of site {} does not replay: {e}", ev.seq, batch.site_id))
                 })?;
                 jobs.insert(id, next);
+            }
+            for (seq, tenant, line) in &batch.throttles {
+                w.tx.prepare_cached(
+                    "INSERT OR IGNORE INTO imported_throttles (site_id, seq, tenant, line) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![batch.site_id, *seq as i64, tenant, line])?;
             }
             let mut changed = 0u64;
             for job in jobs.values().flatten() {
@@ -1264,8 +1271,11 @@ impl Query {
     }
 }
 
+/// A read snapshot of this site's own ledger, or (with `origin`) of what was imported from
+/// another site: the same queries on the `imported_*` tables.
 struct SqliteSnapshot<'c> {
     conn: &'c Connection,
+    origin: Option<String>,
 }
 
 impl SqliteSnapshot<'_> {
@@ -1278,11 +1288,22 @@ impl SqliteSnapshot<'_> {
     ) -> Result<(), StoreError> {
         let mut sql = sql.to_string();
         let mut params: Vec<rusqlite::types::Value> = args.iter().map(|&a| a.into()).collect();
+        if let Some(origin) = &self.origin {
+            for (own, imported) in [
+                ("FROM history", "FROM imported_history"),
+                ("FROM jobs", "FROM imported_jobs"),
+                ("FROM throttles", "FROM imported_throttles"),
+            ] {
+                sql = sql.replace(own, imported);
+            }
+            sql.push_str(" AND site_id = ?");
+            params.push(origin.clone().into());
+        }
         if let Some(t) = scope.tenant() {
             sql.push_str(" AND tenant = ?");
             params.push(t.to_string().into());
         }
-        let order = if sql.contains("FROM jobs") { " ORDER BY id" } else { " ORDER BY seq" };
+        let order = if sql.contains("jobs WHERE") { " ORDER BY id" } else { " ORDER BY seq" };
         sql.push_str(order);
         let mut stmt = self.conn.prepare(&sql)?;
         let mut rows = stmt.query(params_from_iter(params.iter()))?;
@@ -1295,11 +1316,33 @@ impl SqliteSnapshot<'_> {
 
 impl SnapshotReader for SqliteSnapshot<'_> {
     fn site_id(&self) -> Result<String, StoreError> {
-        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = 'site_id'", [], |r| r.get(0))?)
+        match &self.origin {
+            Some(origin) => Ok(origin.clone()),
+            None => Ok(self.conn.query_row("SELECT value FROM meta WHERE key = 'site_id'", [], |r| r.get(0))?),
+        }
     }
 
     fn head_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| r.get::<_, i64>(0))? as u64)
+        let head: i64 = match &self.origin {
+            Some(origin) => self.conn.query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM imported_history WHERE site_id = ?1",
+                [origin],
+                |r| r.get(0),
+            )?,
+            None => self.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| r.get(0))?,
+        };
+        Ok(head as u64)
+    }
+
+    fn imported(&self, site_id: &str) -> Result<Box<dyn SnapshotReader + '_>, StoreError> {
+        let known: Option<i64> = self
+            .conn
+            .query_row("SELECT 1 FROM import_sites WHERE site_id = ?1 LIMIT 1", [site_id], |r| r.get(0))
+            .optional()?;
+        if known.is_none() {
+            return Err(StoreError::Missing { what: "imported site", id: site_id.to_string() });
+        }
+        Ok(Box::new(SqliteSnapshot { conn: self.conn, origin: Some(site_id.to_string()) }))
     }
 
     fn for_each_event(

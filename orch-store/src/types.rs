@@ -483,6 +483,8 @@ pub struct ImportBatch {
     pub events: Vec<(orch_core::Event, String)>,
     /// Jobs as they were before the first event (`base.jsonl`), for jobs not imported yet.
     pub base: Vec<Job>,
+    /// Its throttle records: (seq, tenant, canonical line).
+    pub throttles: Vec<(u64, String, String)>,
     /// The `import.applied` audit event's details (reason, ticket, overrides…).
     pub details: Value,
 }

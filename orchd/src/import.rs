@@ -195,6 +195,7 @@ pub fn import(
     }
     let events = parse_lines::<Event>(&entries.files, bundle::HISTORY)?;
     let base = parse_lines::<Job>(&entries.files, bundle::BASE)?;
+    let throttles = parse_lines::<orch_core::throttle::ThrottleRecord>(&entries.files, bundle::THROTTLES)?;
     let mut touched: Vec<i64> = events.iter().filter_map(|(e, _)| e.job_id).collect();
     touched.sort_unstable();
     touched.dedup();
@@ -213,6 +214,7 @@ pub fn import(
         root_version: summary.root_version,
         events,
         base: base.into_iter().map(|(j, _)| j).collect(),
+        throttles: throttles.into_iter().map(|(t, line)| (t.seq, t.tenant, line)).collect(),
         details: json!({
             "anchor": manifest.time_anchor.at,
             "root_version": summary.root_version,

@@ -362,6 +362,7 @@ pub mod ledger {
             anchor: None,
             redactor: orch_core::bundle::Redactor::new(Default::default(), b"redaction-key".to_vec()),
             previous: None,
+            origin: None,
         };
         let exported = orch_bundle::export(&store, opts).unwrap();
         let env = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), keys);

@@ -220,8 +220,39 @@ fn roots_rotate_through_bundles_and_never_roll_back() {
     let audit = lines(&b_db, "SELECT line FROM history WHERE tenant = '_site' ORDER BY seq").pop().unwrap();
     assert!(audit.contains("\"ticket\":\"INC-9\"") && audit.contains("trust root version 1"), "{audit}");
 
-    // A root.json of a lower version than B trusted before is refused outright as the trust
-    // root of a bundle whose site moved on: an attacker replaying an old bundle gets nothing.
+    // Replaying an old bundle changes nothing.
     let (code, out, _) = kit.import(&b_db, "b1.tar.zst", &[]);
     assert_eq!((code, out.starts_with("already imported")), (0, true));
+}
+
+#[test]
+fn offline_replay_rebuilds_a_ledger_that_reexports_the_same_content() {
+    let kit = Kit::new();
+    let a_db = kit.p("a.db");
+    let a_daemon = Daemon::start(Path::new(&a_db), &[]);
+    let a = Client::new(&a_daemon.url, Some(&token(Path::new(&a_db), "acme", "orch:work,orch:read")));
+    work(&a, 5, "one");
+    let to1 = kit.export(&a_db, "b1.tar.zst", 1, None, &[]);
+    work(&a, 5, "two");
+    a_daemon.stop();
+    kit.export(&a_db, "b2.tar.zst", to1 + 1, Some("b1.tar.zst"), &[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/offline-replay.sh");
+    let bin_dir = orch_e2e::bin("orchd").parent().unwrap().to_path_buf();
+    let replay = |bundles: &[&str], db: &str| {
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(script).args(["--root", &kit.p("1.root.json"), "--db", &kit.p(db)]);
+        cmd.args(bundles.iter().map(|b| kit.p(b))).env("ORCH_BIN_DIR", &bin_dir);
+        let out = cmd.output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, out) = replay(&["b1.tar.zst", "b2.tar.zst"], "rebuilt.db");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.matches("reproduce").count(), 2, "{out}");
+    assert_eq!(
+        lines(&kit.p("rebuilt.db"), "SELECT line FROM imported_history ORDER BY seq"),
+        lines(&a_db, "SELECT line FROM history ORDER BY seq")
+    );
+    let (code, out) = replay(&["b2.tar.zst", "b1.tar.zst"], "wrong-order.db");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAIL") && out.contains("import refused"), "{out}");
 }
