@@ -154,45 +154,64 @@ pub trait SnapshotReader {
     /// The same view of the history imported from another site (in the same snapshot), so that
     /// it can be exported again exactly as that site exported it.
     fn imported(&self, site_id: &str) -> Result<Box<dyn SnapshotReader + '_>, StoreError>;
+    /// The sites history was imported from, by id.
+    fn imported_sites(&self) -> Result<Vec<String>, StoreError>;
 }
 
 /// Checks a whole ledger: every event's hash, each tenant's chain, and that replaying the history
-/// reproduces the stored jobs exactly.
+/// reproduces the stored jobs exactly; then the same for the history imported from each other
+/// site.
 pub fn check_ledger(store: &dyn Store) -> Result<LedgerReport, StoreError> {
     let mut report = LedgerReport::default();
     store.snapshot(&mut |snap| {
-        let head = snap.head_seq()?;
-        let mut verifier = orch_core::chain::ChainVerifier::new();
-        let mut problem = None;
-        snap.for_each_event(&Scope::All, 1, head, &mut |ev| {
-            if problem.is_none() {
-                if let Err(e) = verifier.push(&ev) {
-                    problem = Some(e.to_string());
-                }
-            }
-            Ok(())
-        })?;
-        report.events = verifier.events();
-        report.tenants = verifier.heads().len();
-        if let Some(p) = problem {
-            report.problems.push(p);
-            return Ok(());
-        }
-        let mut stored = Vec::new();
-        snap.for_each_job(&Scope::All, &mut |job| {
-            stored.push(job);
-            Ok(())
-        })?;
-        report.jobs = stored.len() as u64;
-        if let Some(d) = orch_core::chain::first_job_difference(verifier.jobs(), &stored) {
-            report.problems.push(format!(
-                "job {}: replayed history gives {} but the jobs table holds {}",
-                d.id,
-                d.replayed.map_or("nothing".into(), |j| serde_json::to_string(&j).unwrap_or_default()),
-                d.stored.map_or("nothing".into(), |j| serde_json::to_string(&j).unwrap_or_default()),
-            ));
+        let (events, tenants, jobs) = check_snapshot(snap, "", &mut report.problems)?;
+        (report.events, report.tenants, report.jobs) = (events, tenants, jobs);
+        for site in snap.imported_sites()? {
+            let imported = snap.imported(&site)?;
+            let (events, _, jobs) =
+                check_snapshot(&*imported, &format!("imported from {site}: "), &mut report.problems)?;
+            report.imported_events += events;
+            report.imported_jobs += jobs;
         }
         Ok(())
     })?;
     Ok(report)
+}
+
+/// Checks one view; returns (events, chains, jobs) and records problems with `prefix`.
+fn check_snapshot(
+    snap: &dyn SnapshotReader,
+    prefix: &str,
+    problems: &mut Vec<String>,
+) -> Result<(u64, usize, u64), StoreError> {
+    let head = snap.head_seq()?;
+    let mut verifier = orch_core::chain::ChainVerifier::new();
+    let mut problem = None;
+    snap.for_each_event(&Scope::All, 1, head, &mut |ev| {
+        if problem.is_none() {
+            if let Err(e) = verifier.push(&ev) {
+                problem = Some(e.to_string());
+            }
+        }
+        Ok(())
+    })?;
+    let counts = (verifier.events(), verifier.heads().len());
+    if let Some(p) = problem {
+        problems.push(format!("{prefix}{p}"));
+        return Ok((counts.0, counts.1, 0));
+    }
+    let mut stored = Vec::new();
+    snap.for_each_job(&Scope::All, &mut |job| {
+        stored.push(job);
+        Ok(())
+    })?;
+    if let Some(d) = orch_core::chain::first_job_difference(verifier.jobs(), &stored) {
+        problems.push(format!(
+            "{prefix}job {}: replayed history gives {} but the jobs table holds {}",
+            d.id,
+            d.replayed.map_or("nothing".into(), |j| serde_json::to_string(&j).unwrap_or_default()),
+            d.stored.map_or("nothing".into(), |j| serde_json::to_string(&j).unwrap_or_default()),
+        ));
+    }
+    Ok((counts.0, counts.1, stored.len() as u64))
 }

@@ -1345,6 +1345,15 @@ impl SnapshotReader for SqliteSnapshot<'_> {
         Ok(Box::new(SqliteSnapshot { conn: self.conn, origin: Some(site_id.to_string()) }))
     }
 
+    fn imported_sites(&self) -> Result<Vec<String>, StoreError> {
+        let sites = self
+            .conn
+            .prepare("SELECT DISTINCT site_id FROM import_sites ORDER BY site_id")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(sites)
+    }
+
     fn for_each_event(
         &self,
         scope: &Scope,

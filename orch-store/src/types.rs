@@ -248,6 +248,10 @@ pub struct LedgerReport {
     pub jobs: u64,
     /// Tenants (hash chains).
     pub tenants: usize,
+    /// Events imported from other sites, checked the same way.
+    pub imported_events: u64,
+    /// Jobs of other sites reproduced by replaying their imported history.
+    pub imported_jobs: u64,
     /// What is wrong; empty when the ledger holds.
     pub problems: Vec<String>,
 }

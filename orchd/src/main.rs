@@ -229,6 +229,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "ok: {} events in {} chains, {} jobs reproduced by replay",
                     report.events, report.tenants, report.jobs
                 );
+                if report.imported_events > 0 {
+                    println!(
+                        "ok: {} imported events, {} imported jobs reproduced by replay",
+                        report.imported_events, report.imported_jobs
+                    );
+                }
             } else {
                 for p in &report.problems {
                     println!("FAIL {p}");

@@ -174,6 +174,14 @@ fn site_b_imports_site_a_bundles_in_order_once_and_refuses_the_rest() {
     b_daemon.stop();
     let (code, out, err) = run("orchd", &["check", "--db", &b_db]);
     assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("ok: {to2} imported events")), "{out}");
+    // Imported history is checked like the site's own: an altered imported event is found.
+    let c = rusqlite::Connection::open(&b_db).unwrap();
+    c.execute("UPDATE imported_history SET line = replace(line, '\"http_503\"', '\"http_504\"') WHERE seq = (SELECT MIN(seq) FROM imported_history WHERE line LIKE '%http_503%')", []).unwrap();
+    drop(c);
+    let (code, out, _) = run("orchd", &["check", "--db", &b_db]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("imported from "), "{out}");
 }
 
 #[test]
