@@ -5,7 +5,6 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod import;
-#[path = "jwt_stub.rs"]
 pub mod jwt;
 pub mod services;
 
