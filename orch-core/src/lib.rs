@@ -13,6 +13,7 @@ pub mod chain;
 pub mod clock;
 pub mod dsse;
 pub mod event;
+pub mod failure;
 pub mod hash;
 pub mod job;
 pub mod machine;

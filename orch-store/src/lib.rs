@@ -17,7 +17,7 @@ pub use error::StoreError;
 pub use sqlite::{SqliteStore, Synchronous, SCHEMA_VERSION};
 pub use types::*;
 
-use orch_core::{Event, Job, JobId};
+use orch_core::{Event, Job, JobId, Timestamp};
 
 /// A ledger backend. All reads and writes are confined to the caller's [`Scope`]: a job of
 /// another tenant is [`StoreError::NotFound`], exactly like a job that does not exist.
@@ -66,6 +66,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counts of jobs by state in a scope.
     fn stats(&self, scope: &Scope) -> Result<Stats, StoreError>;
+
+    /// Job counts by tenant, type and state in a scope.
+    fn depth(&self, scope: &Scope) -> Result<Vec<Depth>, StoreError>;
+
+    /// Failed attempts and lapsed leases at or after `since`, newest last, at most `limit`
+    /// (the newest ones).
+    fn failures(&self, scope: &Scope, since: Timestamp, limit: usize) -> Result<Vec<FailureRecord>, StoreError>;
 
     /// Starts a run: records it, files a `<kind>.started` audit event (with reason and ticket)
     /// and enqueues its jobs, all in one transaction. Jobs whose idempotency key was already used

@@ -732,6 +732,65 @@ impl Store for SqliteStore {
         })
     }
 
+    fn depth(&self, scope: &Scope) -> Result<Vec<Depth>, StoreError> {
+        let mut q = Query::new("SELECT tenant, queue, state, count(*) FROM jobs WHERE id > ?", 0);
+        q.opt("tenant = ?", scope.tenant().map(String::from));
+        q.sql.push_str(" GROUP BY tenant, queue, state ORDER BY tenant, queue, state");
+        self.read(|c| {
+            let rows = c
+                .prepare(&q.sql)?
+                .query_map(params_from_iter(q.args.iter()), |r| {
+                    Ok(Depth {
+                        tenant: r.get(0)?,
+                        queue: r.get(1)?,
+                        state: r.get(2)?,
+                        jobs: r.get::<_, i64>(3)? as u64,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn failures(
+        &self,
+        scope: &Scope,
+        since: orch_core::Timestamp,
+        limit: usize,
+    ) -> Result<Vec<FailureRecord>, StoreError> {
+        let mut q = Query::new(
+            "SELECT h.line, j.source, j.queue FROM history h JOIN jobs j ON j.id = h.job_id
+             WHERE h.type IN ('job.failed', 'job.lease_expired') AND h.at >= ?",
+            since.as_millis(),
+        );
+        q.opt("h.tenant = ?", scope.tenant().map(String::from));
+        q.sql.push_str(&format!(" ORDER BY h.seq DESC LIMIT {}", limit.clamp(1, 100_000)));
+        self.read(|c| {
+            let rows: Vec<(String, Option<String>, String)> = c
+                .prepare(&q.sql)?
+                .query_map(params_from_iter(q.args.iter()), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (line, source, queue) in rows.into_iter().rev() {
+                let ev = decode_event(&line)?;
+                let (class, message) = match ev.event {
+                    EventKind::Failed { class, message, .. } => (class, message),
+                    _ => ("lease_expired".to_string(), "the lease lapsed without a heartbeat".to_string()),
+                };
+                out.push(FailureRecord {
+                    job_id: ev.job_id.unwrap_or_default(),
+                    tenant: ev.tenant,
+                    source,
+                    queue,
+                    class,
+                    message,
+                    at: ev.at,
+                });
+            }
+            Ok(out)
+        })
+    }
+
     #[instrument(skip_all, fields(kind = %run.kind, jobs = jobs.len()))]
     fn start_run(&self, actor: &str, run: NewRun, jobs: Vec<NewJob>) -> Result<(Run, Vec<Enqueued>), StoreError> {
         check_name("tenant", &run.tenant)?;

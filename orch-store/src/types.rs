@@ -506,3 +506,35 @@ pub struct ImportOutcome {
 
 /// The tenant whose hash chain holds site-level audit events (imports).
 pub const SITE_TENANT: &str = "_site";
+
+/// Jobs of one tenant, type and state (a queue-depth sample).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Depth {
+    /// The tenant.
+    pub tenant: String,
+    /// The job type.
+    pub queue: String,
+    /// The state name.
+    pub state: String,
+    /// How many.
+    pub jobs: u64,
+}
+
+/// A failed attempt (or lapsed lease), with the job's source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FailureRecord {
+    /// The job.
+    pub job_id: JobId,
+    /// The tenant.
+    pub tenant: String,
+    /// The job's source, if any.
+    pub source: Option<String>,
+    /// The job type.
+    pub queue: String,
+    /// The error class (`lease_expired` for a lapsed lease).
+    pub class: String,
+    /// The message.
+    pub message: String,
+    /// When.
+    pub at: Timestamp,
+}

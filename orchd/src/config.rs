@@ -38,6 +38,10 @@ pub struct Settings {
     pub jwt: crate::jwt::JwtSettings,
     /// Bundle import over the API (`POST /api/v1/imports`).
     pub import: ImportSettings,
+    /// Event streams (SSE, WebSocket) and their resume buffer.
+    pub events: EventSettings,
+    /// The job success objective behind `orch_slo_burn_rate` (e.g. 0.99).
+    pub slo_success_objective: f64,
     /// Backoff after failures.
     pub retry: RetryPolicy,
     /// How often the reaper looks for lapsed leases, in milliseconds.
@@ -63,11 +67,33 @@ impl Default for Settings {
             idempotency_ttl_ms: 24 * 3_600_000,
             jwt: crate::jwt::JwtSettings::default(),
             import: ImportSettings::default(),
+            events: EventSettings::default(),
+            slo_success_objective: 0.99,
             retry: store.retry,
             reaper_interval_ms: 1_000,
             log_format: "text".into(),
             demo: false,
         }
+    }
+}
+
+/// The event hub's bounds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventSettings {
+    /// Events kept for `Last-Event-ID` resumption.
+    pub buffer_size: usize,
+    /// How long (event time, milliseconds) they are kept.
+    pub retention_ms: u64,
+    /// How far (in events) a live client may fall behind before it is dropped.
+    pub max_lag: usize,
+    /// How often the ledger's history is tailed, in milliseconds.
+    pub poll_ms: u64,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        EventSettings { buffer_size: 10_000, retention_ms: 3_600_000, max_lag: 1_024, poll_ms: 100 }
     }
 }
 
@@ -128,6 +154,12 @@ impl Settings {
         }
         if self.max_body_bytes < 1024 {
             bail!("max_body_bytes must be at least 1024");
+        }
+        if self.events.buffer_size == 0 || self.events.max_lag == 0 || self.events.poll_ms == 0 {
+            bail!("events.buffer_size, events.max_lag and events.poll_ms must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.slo_success_objective) {
+            bail!("slo_success_objective must be in [0, 1), e.g. 0.99");
         }
         if self.idempotency_ttl_ms == 0 {
             bail!("idempotency_ttl_ms must be at least 1");

@@ -28,8 +28,9 @@ fn announce_token(state: &AppState) {
     match state.store.put_token(token) {
         Ok(_) => eprintln!(
             "demo: a read-only site token, valid for 24 h: {secret}\n\
-             demo: try  curl -H 'Authorization: Bearer {secret}' 'http://{}/api/v1/jobs?limit=5'",
-            state.settings.listen
+             demo: console  http://{addr}/#token={secret}\n\
+             demo: try  curl -H 'Authorization: Bearer {secret}' 'http://{addr}/api/v1/jobs?limit=5'",
+            addr = state.settings.listen
         ),
         Err(e) => tracing::error!(error = %e, "could not make the demo token"),
     }

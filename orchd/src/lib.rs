@@ -3,9 +3,11 @@
 
 pub mod config;
 pub mod demo;
+pub mod events;
 pub mod http;
 pub mod import;
 pub mod jwt;
+pub mod metrics;
 pub mod services;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,13 +27,28 @@ pub struct AppState {
     pub settings: Arc<config::Settings>,
     /// Verifies JWTs of the configured Authority, if one is.
     pub jwt: Option<Arc<jwt::JwtVerifier>>,
+    /// Events tailed from the history, for streams.
+    pub events: events::Hub,
+    /// Prometheus metrics.
+    pub metrics: Arc<metrics::Metrics>,
     ready: Arc<AtomicBool>,
 }
 
 impl AppState {
     /// A state over an opened store; not ready until [`AppState::set_ready`].
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, settings: config::Settings) -> Self {
-        AppState { store, clock, settings: Arc::new(settings), jwt: None, ready: Arc::new(AtomicBool::new(false)) }
+        let events =
+            events::Hub::new(settings.events.buffer_size, settings.events.retention_ms, settings.events.max_lag);
+        let metrics = Arc::new(metrics::Metrics::new(settings.slo_success_objective));
+        AppState {
+            store,
+            clock,
+            settings: Arc::new(settings),
+            jwt: None,
+            events,
+            metrics,
+            ready: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// Accepts JWTs checked by `verifier`.
@@ -85,6 +102,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The event hub starts a buffer's length behind the head, so that clients can resume across
+    // a restart and the metrics see the recent past.
+    let mut head = 0;
+    state.store.snapshot(&mut |snap| {
+        head = snap.head_seq()?;
+        Ok(())
+    })?;
+    state.events.start_at(head.saturating_sub(state.settings.events.buffer_size as u64));
     let services = services::spawn_all(&state, stop_rx.clone());
     state.set_ready();
     let app = http::router(state.clone());

@@ -27,7 +27,7 @@ pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandl
             }
         },
     );
-    let reaper = spawn_periodic("lease-reaper", state.clone(), interval, stop, |state| async move {
+    let reaper = spawn_periodic("lease-reaper", state.clone(), interval, stop.clone(), |state| async move {
         loop {
             match state.blocking(|s| s.reap_expired_leases(1_000)).await {
                 Ok(1_000) => continue, // more may be waiting
@@ -39,7 +39,24 @@ pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandl
             }
         }
     });
-    vec![reaper, sweeper]
+    let enricher = std::sync::Arc::new(std::sync::Mutex::new(crate::events::Enricher::default()));
+    let poll = Duration::from_millis(state.settings.events.poll_ms);
+    let tailer = spawn_periodic("event-tailer", state.clone(), poll, stop.clone(), move |st| {
+        let enricher = enricher.clone();
+        async move {
+            loop {
+                match crate::events::tail_once(&st, &enricher).await {
+                    Ok(1_000) => continue, // more may be waiting
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "event tailer failed");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    vec![reaper, sweeper, tailer]
 }
 
 /// Runs `tick` every `interval` until `stop` becomes true.

@@ -158,6 +158,29 @@ pub mod api {
         }
     }
 
+    /// One Server-Sent Event.
+    #[derive(Debug, Default, Clone)]
+    pub struct SseMessage {
+        /// `id:`, as a number.
+        pub id: Option<u64>,
+        /// `event:`.
+        pub event: String,
+        /// `data:` lines, joined.
+        pub data: String,
+    }
+
+    /// An open event stream.
+    pub struct Sse {
+        rx: std::sync::mpsc::Receiver<SseMessage>,
+    }
+
+    impl Sse {
+        /// The next message, if one comes within `timeout`.
+        pub fn next(&self, timeout: std::time::Duration) -> Option<SseMessage> {
+            self.rx.recv_timeout(timeout).ok()
+        }
+    }
+
     /// A client bound to one base URL and (optionally) one bearer token.
     #[derive(Clone)]
     pub struct Client {
@@ -199,6 +222,45 @@ pub mod api {
         /// PUT JSON.
         pub fn put(&self, path: &str, body: &Value) -> Reply {
             self.send("PUT", path, Some(body.to_string().into_bytes()), &[])
+        }
+
+        /// Opens a Server-Sent Events stream; messages arrive on the returned reader.
+        pub fn sse(&self, path: &str, headers: &[(&str, &str)]) -> Sse {
+            let url = format!("{}{}", self.base, path);
+            let mut req = ureq::http::Request::builder().method("GET").uri(&url).header("accept", "text/event-stream");
+            if let Some(t) = &self.token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let resp = self.agent.run(req.body(()).expect("request")).unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            assert_eq!(resp.status().as_u16(), 200, "GET {url}");
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                let reader = std::io::BufReader::new(resp.into_body().into_reader());
+                let mut msg = SseMessage::default();
+                for line in reader.lines() {
+                    let Ok(line) = line else { break };
+                    if line.is_empty() {
+                        if (!msg.event.is_empty() || !msg.data.is_empty()) && tx.send(std::mem::take(&mut msg)).is_err()
+                        {
+                            break;
+                        }
+                        continue;
+                    }
+                    let (k, v) = line.split_once(':').unwrap_or((line.as_str(), ""));
+                    let v = v.strip_prefix(' ').unwrap_or(v).to_string();
+                    match k {
+                        "id" => msg.id = v.parse().ok(),
+                        "event" => msg.event = v,
+                        "data" => msg.data.push_str(&v),
+                        _ => {}
+                    }
+                }
+            });
+            Sse { rx }
         }
 
         /// Any request; a body is sent as `application/json` unless `headers` name a content type.

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod legacy;
 pub mod openapi;
 pub mod ops;
+pub mod stream;
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -34,7 +35,11 @@ pub const OPENAPI_PATH: &str = "/openapi/orchestrator.json";
 
 /// The documented routes that need no credentials.
 fn public() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).routes(routes!(well_known))
+    OpenApiRouter::new()
+        .routes(routes!(console))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(well_known))
 }
 
 /// The documented routes behind authentication, and the document's fixed parts.
@@ -62,6 +67,11 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(ops::put_quota))
         .routes(routes!(ops::backfill))
         .routes(routes!(ops::import))
+        .routes(routes!(stream::sse))
+        .routes(routes!(stream::ws))
+        .routes(routes!(stream::errors))
+        .routes(routes!(stream::metrics))
+        .routes(routes!(stream::dashboard))
         .routes(routes!(legacy::job))
         .routes(routes!(legacy::summary))
         .split_for_parts()
@@ -94,6 +104,24 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
         .layer(from_fn(envelope))
         .with_state(state)
+}
+
+/// The console page: one file with its script and styles, embedded in the binary (air-gapped
+/// sites fetch nothing). It holds no data; everything it shows comes from the API with the
+/// user's token.
+const CONSOLE: &str = include_str!("../../console/index.html");
+
+#[utoipa::path(get, path = "/", tag = "health", responses((status = 200, description = "The web console", content_type = "text/html")))]
+/// The web console.
+async fn console() -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:",
+        ),
+    ];
+    (headers, CONSOLE).into_response()
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "The process is alive", body = Object)))]

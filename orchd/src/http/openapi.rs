@@ -35,6 +35,7 @@ use utoipa::Modify;
         (name = "sources", description = "Upstream feeds"),
         (name = "quotas", description = "Per-tenant limits (audited)"),
         (name = "backfills", description = "Event-time backfills (audited)"),
+        (name = "events", description = "Live event streams and failure clusters"),
         (name = "imports", description = "Offline Kit: bundles from other sites"),
         (name = "legacy", description = "Deprecated aliases"),
         (name = "health", description = "Probes and discovery"),
@@ -142,9 +143,13 @@ mod tests {
         }
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
-                let public = ["/healthz", "/readyz", "/.well-known/openapi"].contains(&path.as_str());
+                let public = ["/", "/healthz", "/readyz", "/.well-known/openapi"].contains(&path.as_str());
                 assert!(public || op["security"].is_array(), "{method} {path} names no scope");
-                assert!(op["responses"].as_object().unwrap().keys().any(|k| k.starts_with('2') || k == "302"));
+                assert!(op["responses"]
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .any(|k| k.starts_with('2') || k == "302" || k == "101"));
             }
         }
         for example in ["NextPage", "IdempotentReplay", "Forbidden"] {

@@ -1,0 +1,270 @@
+//! The event hub: one task tails the ledger's history and turns each event into an
+//! [`Envelope`] (the event plus its job type and worker), which it keeps in a bounded buffer
+//! (for `Last-Event-ID` resumption), broadcasts to live streams (SSE, WebSocket) and feeds to
+//! the metrics. Tailing the ledger, rather than hooking writers, sees every writer — the API,
+//! the reaper, `orchd import` in another process — and can never report a change that rolled back.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use orch_core::{Event, EventKind, JobId, Timestamp};
+use orch_store::{HistoryFilter, PageRequest, Scope};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::AppState;
+
+/// One event as streams and hooks carry it.
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Envelope {
+    /// The event's sequence number (the SSE id).
+    pub seq: u64,
+    /// When it happened.
+    #[schema(value_type = String, format = DateTime)]
+    pub at: Timestamp,
+    /// Its type, e.g. `job.succeeded`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The tenant.
+    pub tenant: String,
+    /// The project.
+    pub project: String,
+    /// The job, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+    /// The job's type (queue), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_type: Option<String>,
+    /// The task runner (worker) the event concerns, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Who did it.
+    pub actor: String,
+    /// Correlation id.
+    #[serde(rename = "correlationId")]
+    pub correlation_id: String,
+    /// The event's own data.
+    #[schema(value_type = Object)]
+    pub data: Value,
+}
+
+struct Inner {
+    buffer: VecDeque<Arc<Envelope>>,
+    /// The last sequence number seen by the tailer.
+    head: u64,
+}
+
+/// The hub shared by the tailer, the streams and the metrics.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Mutex<Inner>>,
+    tx: broadcast::Sender<Arc<Envelope>>,
+    capacity: usize,
+    retention_ms: i64,
+}
+
+/// Where a resuming client stands relative to the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// Everything after the client's id is in the buffer (possibly nothing yet).
+    Complete,
+    /// Events after the client's id were evicted: it must re-read state (e.g. list jobs).
+    Gap {
+        /// The oldest sequence number still buffered.
+        oldest: u64,
+    },
+}
+
+impl Hub {
+    /// A hub keeping up to `capacity` events for at most `retention_ms`; live subscribers may
+    /// fall `lag` events behind before they are dropped.
+    pub fn new(capacity: usize, retention_ms: u64, lag: usize) -> Hub {
+        let (tx, _) = broadcast::channel(lag.max(1));
+        Hub {
+            inner: Arc::new(Mutex::new(Inner { buffer: VecDeque::new(), head: 0 })),
+            tx,
+            capacity: capacity.max(1),
+            retention_ms: retention_ms.min(i64::MAX as u64) as i64,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Subscribes to live events, and returns the buffered ones after `after` (that pass
+    /// `keep`) and whether the buffer still held everything after it. Subscribing first means
+    /// nothing falls between the two; the caller skips live events it already sent.
+    pub fn subscribe(
+        &self,
+        after: Option<u64>,
+        keep: &dyn Fn(&Envelope) -> bool,
+    ) -> (broadcast::Receiver<Arc<Envelope>>, Vec<Arc<Envelope>>, Resume) {
+        let rx = self.tx.subscribe();
+        let inner = self.lock();
+        let Some(after) = after else { return (rx, Vec::new(), Resume::Complete) };
+        let oldest = inner.buffer.front().map(|e| e.seq);
+        let resume = match oldest {
+            Some(o) if after + 1 < o => Resume::Gap { oldest: o },
+            None if after < inner.head => Resume::Gap { oldest: inner.head + 1 },
+            _ => Resume::Complete,
+        };
+        let events = inner.buffer.iter().filter(|e| e.seq > after && keep(e)).cloned().collect();
+        (rx, events, resume)
+    }
+
+    /// The last sequence number the hub has seen.
+    pub fn head(&self) -> u64 {
+        self.lock().head
+    }
+
+    /// How many events are buffered.
+    pub fn buffered(&self) -> usize {
+        self.lock().buffer.len()
+    }
+
+    /// Adds events (in sequence order), evicting beyond the bounds, and broadcasts them.
+    pub fn publish(&self, events: Vec<Envelope>) {
+        let mut inner = self.lock();
+        for e in events {
+            let e = Arc::new(e);
+            inner.head = inner.head.max(e.seq);
+            inner.buffer.push_back(e.clone());
+            let _ = self.tx.send(e);
+        }
+        while inner.buffer.len() > self.capacity {
+            inner.buffer.pop_front();
+        }
+        if let Some(newest) = inner.buffer.back().map(|e| e.at) {
+            let horizon = newest.plus_millis(-self.retention_ms);
+            while inner.buffer.front().is_some_and(|e| e.at < horizon) {
+                inner.buffer.pop_front();
+            }
+        }
+    }
+
+    /// Starts at the ledger's current head (history before start is read from the API).
+    pub fn start_at(&self, head: u64) {
+        self.lock().head = head;
+    }
+}
+
+/// Makes envelopes from events, remembering each job's type.
+#[derive(Default)]
+pub struct Enricher {
+    job_types: HashMap<JobId, String>,
+}
+
+impl Enricher {
+    /// The envelope of `ev`; `lookup` finds the type of a job this enricher has not seen.
+    pub fn envelope(&mut self, ev: &Event, lookup: &dyn Fn(JobId) -> Option<String>) -> Envelope {
+        let job_type = ev.job_id.and_then(|id| {
+            if let EventKind::Enqueued(spec) = &ev.event {
+                self.job_types.insert(id, spec.queue.clone());
+            }
+            if let Some(t) = self.job_types.get(&id) {
+                return Some(t.clone());
+            }
+            let t = lookup(id)?;
+            if self.job_types.len() > 100_000 {
+                self.job_types.clear();
+            }
+            self.job_types.insert(id, t.clone());
+            Some(t)
+        });
+        let worker = match &ev.event {
+            EventKind::Claimed { worker, .. } => Some(worker.clone()),
+            EventKind::Heartbeat { .. } | EventKind::Succeeded { .. } | EventKind::Failed { .. } => {
+                Some(ev.actor.clone())
+            }
+            _ => None,
+        };
+        let data = serde_json::to_value(&ev.event).ok().and_then(|v| v.get("data").cloned()).unwrap_or(Value::Null);
+        Envelope {
+            seq: ev.seq,
+            at: ev.at,
+            event_type: ev.event.type_name().to_string(),
+            tenant: ev.tenant.clone(),
+            project: ev.project.clone(),
+            job_id: ev.job_id,
+            job_type,
+            worker,
+            actor: ev.actor.clone(),
+            correlation_id: ev.correlation_id.clone(),
+            data,
+        }
+    }
+}
+
+/// One tailer pass: reads history after the hub's head and publishes it. Returns how many
+/// events it published.
+pub async fn tail_once(state: &AppState, enricher: &Arc<Mutex<Enricher>>) -> Result<usize, orch_store::StoreError> {
+    let hub = state.events.clone();
+    let after = hub.head();
+    let store = state.store.clone();
+    let enricher = enricher.clone();
+    let metrics = state.metrics.clone();
+    state
+        .blocking(move |s| {
+            let page =
+                s.history(&Scope::All, &HistoryFilter::default(), PageRequest { after: after as i64, limit: 1000 })?;
+            let n = page.items.len();
+            let mut e = enricher.lock().unwrap_or_else(|p| p.into_inner());
+            let lookup = |id: JobId| store.job(&Scope::All, id).ok().map(|j| j.spec.queue);
+            let envelopes: Vec<Envelope> = page.items.iter().map(|ev| e.envelope(ev, &lookup)).collect();
+            for env in &envelopes {
+                metrics.observe(env);
+            }
+            hub.publish(envelopes);
+            Ok(n)
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(seq: u64, at_ms: i64, tenant: &str) -> Envelope {
+        Envelope {
+            seq,
+            at: Timestamp::from_millis(at_ms),
+            event_type: "job.enqueued".into(),
+            tenant: tenant.into(),
+            project: "p".into(),
+            job_id: Some(seq as i64),
+            job_type: Some("q".into()),
+            worker: None,
+            actor: "a".into(),
+            correlation_id: "c".into(),
+            data: Value::Null,
+        }
+    }
+
+    #[test]
+    fn the_buffer_keeps_the_newest_within_its_bounds() {
+        let hub = Hub::new(5, 10_000, 16);
+        hub.publish((1..=20).map(|s| env(s, 1_000 * s as i64, "acme")).collect());
+        assert_eq!(hub.buffered(), 5);
+        let all = |_: &Envelope| true;
+        let (_, events, resume) = hub.subscribe(Some(17), &all);
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [18, 19, 20]);
+        assert_eq!(resume, Resume::Complete);
+        let (_, events, resume) = hub.subscribe(Some(3), &all);
+        assert_eq!(resume, Resume::Gap { oldest: 16 });
+        assert_eq!(events.len(), 5);
+        // Retention by event time: 10 s behind the newest at most.
+        let hub = Hub::new(1_000, 10_000, 16);
+        hub.publish((1..=30).map(|s| env(s, 1_000 * s as i64, "acme")).collect());
+        assert_eq!(hub.buffered(), 11);
+    }
+
+    #[test]
+    fn a_subscriber_that_lags_past_the_bound_is_told_so() {
+        let hub = Hub::new(100, 60_000, 4);
+        let (mut rx, _, _) = hub.subscribe(None, &|_: &Envelope| true);
+        hub.publish((1..=10).map(|s| env(s, s as i64, "acme")).collect());
+        assert!(matches!(rx.try_recv(), Err(broadcast::error::TryRecvError::Lagged(6))));
+    }
+}

@@ -1,0 +1,265 @@
+//! Prometheus metrics: counters and histograms fed by the event hub as history is tailed, queue
+//! depth and SLO burn rates computed at scrape time. Every series carries a `tenant` label, so a
+//! tenant's scrape can be cut down to its own series (site administrators see all).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use orch_core::failure::classify;
+use orch_core::{JobId, Timestamp};
+use orch_store::Depth;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::events::Envelope;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    tenant: String,
+    queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    tenant: String,
+    queue: String,
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    tenant: String,
+    queue: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DepthLabels {
+    tenant: String,
+    queue: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    tenant: String,
+    r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BurnLabels {
+    tenant: String,
+    window: String,
+}
+
+/// One burn rate.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct BurnRate {
+    /// The tenant.
+    pub tenant: String,
+    /// `5m`, `1h` or `6h`.
+    pub window: &'static str,
+    /// Burn rate: 1 spends the error budget exactly over the objective's period.
+    pub rate: f64,
+    /// Jobs that finished in the window.
+    pub jobs: u64,
+}
+
+/// The SLO windows burn rates are given for (name, milliseconds).
+pub const BURN_WINDOWS: [(&str, i64); 3] = [("5m", 300_000), ("1h", 3_600_000), ("6h", 21_600_000)];
+
+struct Timing {
+    /// Per job: when it was enqueued and when its current attempt started.
+    jobs: HashMap<JobId, (Option<Timestamp>, Option<Timestamp>)>,
+    /// Finished jobs in the longest SLO window: (when, tenant, succeeded).
+    finished: VecDeque<(Timestamp, String, bool)>,
+}
+
+/// The daemon's metrics.
+pub struct Metrics {
+    registry: Registry,
+    start_latency: Family<JobLabels, Histogram>,
+    run_time: Family<JobLabels, Histogram>,
+    attempts: Family<JobLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    leases_lost: Family<JobLabels, Counter>,
+    finished: Family<OutcomeLabels, Counter>,
+    events: Family<EventLabels, Counter>,
+    depth: Family<DepthLabels, Gauge>,
+    burn: Family<BurnLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    timing: Mutex<Timing>,
+    objective: f64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 16))
+}
+
+impl Metrics {
+    /// Metrics with a success objective (e.g. 0.99) for the burn rates.
+    pub fn new(objective: f64) -> Metrics {
+        let mut registry = Registry::with_prefix("orch");
+        let start_latency =
+            Family::<JobLabels, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let run_time = Family::<JobLabels, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let attempts = Family::<JobLabels, Counter>::default();
+        let failures = Family::<FailureLabels, Counter>::default();
+        let leases_lost = Family::<JobLabels, Counter>::default();
+        let finished = Family::<OutcomeLabels, Counter>::default();
+        let events = Family::<EventLabels, Counter>::default();
+        let depth = Family::<DepthLabels, Gauge>::default();
+        let burn = Family::<BurnLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register("jobs", "Jobs by tenant, type and state (queue depth)", depth.clone());
+        registry.register("job_start_latency_seconds", "From enqueue to the first claim", start_latency.clone());
+        registry.register("job_run_seconds", "From claim to ack or fail, per attempt", run_time.clone());
+        registry.register("job_attempts", "Attempts started (claims)", attempts.clone());
+        registry.register("job_failures", "Failed attempts by failure cluster", failures.clone());
+        registry.register("leases_lost", "Leases that lapsed without a heartbeat", leases_lost.clone());
+        registry.register("jobs_finished", "Jobs that reached a terminal state, by outcome", finished.clone());
+        registry.register("events", "History events by type", events.clone());
+        registry.register(
+            "slo_burn_rate",
+            "Error-budget burn rate of the job success objective over a window (1 = on budget)",
+            burn.clone(),
+        );
+        Metrics {
+            registry,
+            start_latency,
+            run_time,
+            attempts,
+            failures,
+            leases_lost,
+            finished,
+            events,
+            depth,
+            burn,
+            timing: Mutex::new(Timing { jobs: HashMap::new(), finished: VecDeque::new() }),
+            objective: objective.clamp(0.0, 0.999_999),
+        }
+    }
+
+    /// Counts one event.
+    pub fn observe(&self, e: &Envelope) {
+        let tenant = e.tenant.clone();
+        self.events.get_or_create(&EventLabels { tenant: tenant.clone(), r#type: e.event_type.clone() }).inc();
+        let (Some(id), Some(queue)) = (e.job_id, e.job_type.clone()) else { return };
+        let labels = JobLabels { tenant: tenant.clone(), queue: queue.clone() };
+        let mut t = self.timing.lock().unwrap_or_else(|p| p.into_inner());
+        if t.jobs.len() > 200_000 {
+            t.jobs.clear();
+        }
+        let secs = |from: Timestamp| (e.at.as_millis() - from.as_millis()).max(0) as f64 / 1000.0;
+        match e.event_type.as_str() {
+            "job.enqueued" => {
+                t.jobs.insert(id, (Some(e.at), None));
+            }
+            "job.claimed" => {
+                self.attempts.get_or_create(&labels).inc();
+                let entry = t.jobs.entry(id).or_insert((None, None));
+                if e.data.get("attempt").and_then(|a| a.as_u64()) == Some(1) {
+                    if let Some(enqueued) = entry.0 {
+                        self.start_latency.get_or_create(&labels).observe(secs(enqueued));
+                    }
+                }
+                entry.1 = Some(e.at);
+            }
+            "job.succeeded" | "job.failed" | "job.lease_expired" => {
+                if let Some((_, Some(claimed))) = t.jobs.get(&id).copied() {
+                    self.run_time.get_or_create(&labels).observe(secs(claimed));
+                }
+                if e.event_type == "job.failed" {
+                    let class = e.data.get("class").and_then(|c| c.as_str()).unwrap_or_default();
+                    let message = e.data.get("message").and_then(|c| c.as_str()).unwrap_or_default();
+                    let cluster = classify(class, message).as_str().to_string();
+                    self.failures
+                        .get_or_create(&FailureLabels { tenant: tenant.clone(), queue: queue.clone(), cluster })
+                        .inc();
+                }
+                if e.event_type == "job.lease_expired" {
+                    self.leases_lost.get_or_create(&labels).inc();
+                }
+                let terminal = match e.event_type.as_str() {
+                    "job.succeeded" => Some(true),
+                    // A failure without a retry instant dead-letters the job.
+                    _ => e.data.get("retry_at").is_none_or(|r| r.is_null()).then_some(false),
+                };
+                if let Some(ok) = terminal {
+                    let outcome = if ok { "succeeded" } else { "dead" };
+                    self.finished
+                        .get_or_create(&OutcomeLabels { tenant: tenant.clone(), queue, outcome: outcome.into() })
+                        .inc();
+                    t.finished.push_back((e.at, tenant, ok));
+                    t.jobs.remove(&id);
+                }
+            }
+            "job.cancelled" => {
+                t.jobs.remove(&id);
+            }
+            _ => {}
+        }
+        // Keep the longest window only, and a bounded number of samples.
+        let horizon = e.at.plus_millis(-BURN_WINDOWS[2].1);
+        while t.finished.front().is_some_and(|(at, _, _)| *at < horizon) || t.finished.len() > 500_000 {
+            t.finished.pop_front();
+        }
+    }
+
+    /// Error-budget burn rates per tenant and window as of `now`: the share of jobs that ended
+    /// dead in the window, divided by the share the objective allows.
+    pub fn burn_rates(&self, now: Timestamp) -> Vec<BurnRate> {
+        let t = self.timing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per: std::collections::BTreeMap<(String, &'static str), (u64, u64)> = Default::default();
+        for (window, ms) in BURN_WINDOWS {
+            let from = now.plus_millis(-ms);
+            for (_, tenant, ok) in t.finished.iter().filter(|(at, _, _)| *at >= from && *at <= now) {
+                let e = per.entry((tenant.clone(), window)).or_default();
+                e.0 += 1;
+                e.1 += u64::from(!ok);
+            }
+        }
+        per.into_iter()
+            .map(|((tenant, window), (total, bad))| BurnRate {
+                tenant,
+                window,
+                rate: bad as f64 / total as f64 / (1.0 - self.objective),
+                jobs: total,
+            })
+            .collect()
+    }
+
+    /// The text exposition: depth and burn rates as of `now`, then everything; lines of other
+    /// tenants left out when `tenant` is given.
+    pub fn render(&self, depth: &[Depth], now: Timestamp, tenant: Option<&str>) -> String {
+        self.depth.clear();
+        for d in depth {
+            let labels = DepthLabels { tenant: d.tenant.clone(), queue: d.queue.clone(), state: d.state.clone() };
+            self.depth.get_or_create(&labels).set(d.jobs as i64);
+        }
+        self.burn.clear();
+        for b in self.burn_rates(now) {
+            self.burn.get_or_create(&BurnLabels { tenant: b.tenant, window: b.window.into() }).set(b.rate);
+        }
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            return String::new();
+        }
+        match tenant {
+            None => text,
+            Some(t) => {
+                // Tenant names are restricted to [A-Za-z0-9._:-]: no escaping to worry about.
+                let mine = format!("tenant=\"{t}\"");
+                text.lines().filter(|l| l.starts_with('#') || l.contains(&mine)).flat_map(|l| [l, "\n"]).collect()
+            }
+        }
+    }
+}
