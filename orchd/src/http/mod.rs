@@ -166,7 +166,9 @@ async fn envelope(mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     req.headers_mut().insert(REQUEST_ID, HeaderValue::from_str(&id).expect("checked ASCII"));
-    let resp = next.run(req).await;
+    // Every log line of the request (store transitions included) carries its id.
+    let span = tracing::info_span!("request", request_id = %id, %method, %path);
+    let resp = tracing::Instrument::instrument(next.run(req), span).await;
     let status = resp.status();
     let mut resp = if status.is_client_error() || status.is_server_error() {
         if status.is_server_error() {
