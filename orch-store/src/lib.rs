@@ -132,6 +132,37 @@ pub trait Store: Send + Sync + 'static {
 
     /// The jobs of an origin site as replaying its imported history gives them, by id.
     fn imported_jobs(&self, site_id: &str) -> Result<Vec<Job>, StoreError>;
+
+    /// Subscribes a URL to a tenant's events from the current head on.
+    fn create_webhook(
+        &self,
+        tenant: &str,
+        url: &str,
+        secret: &str,
+        filter: serde_json::Value,
+    ) -> Result<Webhook, StoreError>;
+
+    /// Webhooks in a scope, by id.
+    fn webhooks(&self, scope: &Scope) -> Result<Vec<Webhook>, StoreError>;
+
+    /// Removes a webhook and its delivery log.
+    fn delete_webhook(&self, scope: &Scope, id: i64) -> Result<(), StoreError>;
+
+    /// Records an attempt to deliver event `seq` and returns its log row; a delivered or dead
+    /// event moves the cursor to it (never backwards).
+    fn record_delivery(&self, webhook: i64, seq: u64, outcome: DeliveryOutcome) -> Result<Delivery, StoreError>;
+
+    /// Moves a webhook's cursor past events it does not want (never backwards).
+    fn skip_to(&self, webhook: i64, seq: u64) -> Result<(), StoreError>;
+
+    /// A webhook's delivery log, newest first.
+    fn deliveries(&self, scope: &Scope, webhook: i64, limit: usize) -> Result<Vec<Delivery>, StoreError>;
+
+    /// A publisher's cursor into the history (0 if it never published).
+    fn publisher_cursor(&self, name: &str) -> Result<u64, StoreError>;
+
+    /// Moves a publisher's cursor forward.
+    fn set_publisher_cursor(&self, name: &str, seq: u64) -> Result<(), StoreError>;
 }
 
 /// A consistent view of a ledger for export and checking.

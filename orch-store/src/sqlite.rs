@@ -24,6 +24,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_api.sql"),
     include_str!("../migrations/0003_import.sql"),
+    include_str!("../migrations/0004_hooks.sql"),
 ];
 
 /// How hard SQLite works to make commits durable.
@@ -1196,6 +1197,164 @@ impl Store for SqliteStore {
                 .query_map(params![site_id, from as i64, to.min(i64::MAX as u64) as i64], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             Ok(rows)
+        })
+    }
+
+    fn create_webhook(
+        &self,
+        tenant: &str,
+        url: &str,
+        secret: &str,
+        filter: serde_json::Value,
+    ) -> Result<Webhook, StoreError> {
+        check_name("tenant", tenant)?;
+        check_text("url", url, 2048)?;
+        if !filter.is_object() {
+            return Err(StoreError::Invalid("a webhook filter must be a JSON object".into()));
+        }
+        let id = self.write(|w| {
+            let head: i64 = w.tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| r.get(0))?;
+            w.tx.execute(
+                "INSERT INTO webhooks (tenant, url, secret, filter, cursor, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![tenant, url, secret, filter.to_string(), head, w.now.as_millis()],
+            )?;
+            Ok(w.tx.last_insert_rowid())
+        })?;
+        self.webhooks(&Scope::Tenant(tenant.to_string()))?
+            .into_iter()
+            .find(|h| h.id == id)
+            .ok_or_else(|| StoreError::Corrupt("webhook vanished".into()))
+    }
+
+    fn webhooks(&self, scope: &Scope) -> Result<Vec<Webhook>, StoreError> {
+        let mut q = Query::new(
+            "SELECT id, tenant, url, secret, filter, cursor, next_at, created_at FROM webhooks WHERE id > ?",
+            0,
+        );
+        q.opt("tenant = ?", scope.tenant().map(String::from));
+        q.sql.push_str(" ORDER BY id");
+        self.read(|c| {
+            let rows: Vec<(Webhook, String)> = c
+                .prepare(&q.sql)?
+                .query_map(params_from_iter(q.args.iter()), |r| {
+                    let hook = Webhook {
+                        id: r.get(0)?,
+                        tenant: r.get(1)?,
+                        url: r.get(2)?,
+                        secret: r.get(3)?,
+                        filter: serde_json::Value::Null,
+                        cursor: r.get::<_, i64>(5)? as u64,
+                        next_at: orch_core::Timestamp::from_millis(r.get(6)?),
+                        created_at: orch_core::Timestamp::from_millis(r.get(7)?),
+                    };
+                    Ok((hook, r.get(4)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            rows.into_iter()
+                .map(|(mut hook, filter)| {
+                    hook.filter = serde_json::from_str(&filter)
+                        .map_err(|e| StoreError::Corrupt(format!("webhook {} filter: {e}", hook.id)))?;
+                    Ok(hook)
+                })
+                .collect()
+        })
+    }
+
+    fn delete_webhook(&self, scope: &Scope, id: i64) -> Result<(), StoreError> {
+        let tenant = scope.tenant().map(String::from);
+        let n = self.write(|w| {
+            Ok(w.tx
+                .execute("DELETE FROM webhooks WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)", params![id, tenant])?)
+        })?;
+        if n == 0 {
+            return Err(StoreError::Missing { what: "webhook", id: id.to_string() });
+        }
+        Ok(())
+    }
+
+    fn record_delivery(&self, webhook: i64, seq: u64, outcome: DeliveryOutcome) -> Result<Delivery, StoreError> {
+        self.write(|w| {
+            let before: u32 =
+                w.tx.prepare_cached("SELECT attempts FROM webhook_deliveries WHERE webhook_id = ?1 AND seq = ?2")?
+                    .query_row(params![webhook, seq as i64], |r| r.get::<_, i64>(0))
+                    .optional()?
+                    .unwrap_or(0) as u32;
+            let attempts = before + 1;
+            let (status, code, error, next_at) = match &outcome {
+                DeliveryOutcome::Delivered { code } => ("delivered", Some(*code), None, 0),
+                DeliveryOutcome::Failed { code, error, max_attempts, .. } if attempts >= *max_attempts => {
+                    ("dead", *code, Some(error.clone()), 0)
+                }
+                DeliveryOutcome::Failed { code, error, retry_at, .. } => {
+                    ("pending", *code, Some(error.clone()), retry_at.as_millis())
+                }
+            };
+            w.tx.execute(
+                "INSERT INTO webhook_deliveries (webhook_id, seq, status, attempts, last_code, last_error, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (webhook_id, seq) DO UPDATE SET status = excluded.status, attempts = excluded.attempts,
+                   last_code = excluded.last_code, last_error = excluded.last_error, updated_at = excluded.updated_at",
+                params![webhook, seq as i64, status, attempts, code, error, w.now.as_millis()],
+            )?;
+            let cursor = if status == "pending" { 0 } else { seq as i64 };
+            w.tx.execute(
+                "UPDATE webhooks SET cursor = MAX(cursor, ?2), next_at = ?3 WHERE id = ?1",
+                params![webhook, cursor, next_at],
+            )?;
+            Ok(Delivery { seq, status: status.into(), attempts, last_code: code, last_error: error, updated_at: w.now })
+        })
+    }
+
+    fn skip_to(&self, webhook: i64, seq: u64) -> Result<(), StoreError> {
+        self.write(|w| {
+            w.tx.execute("UPDATE webhooks SET cursor = MAX(cursor, ?2) WHERE id = ?1", params![webhook, seq as i64])?;
+            Ok(())
+        })
+    }
+
+    fn deliveries(&self, scope: &Scope, webhook: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        if !self.webhooks(scope)?.iter().any(|h| h.id == webhook) {
+            return Err(StoreError::Missing { what: "webhook", id: webhook.to_string() });
+        }
+        self.read(|c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT seq, status, attempts, last_code, last_error, updated_at FROM webhook_deliveries
+                     WHERE webhook_id = ?1 ORDER BY seq DESC LIMIT ?2",
+                )?
+                .query_map(params![webhook, limit.clamp(1, 10_000) as i64], |r| {
+                    Ok(Delivery {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        status: r.get(1)?,
+                        attempts: r.get::<_, i64>(2)? as u32,
+                        last_code: r.get::<_, Option<i64>>(3)?.map(|c| c as u16),
+                        last_error: r.get(4)?,
+                        updated_at: orch_core::Timestamp::from_millis(r.get(5)?),
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn publisher_cursor(&self, name: &str) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let v: Option<i64> = c
+                .prepare_cached("SELECT cursor FROM publishers WHERE name = ?1")?
+                .query_row([name], |r| r.get(0))
+                .optional()?;
+            Ok(v.unwrap_or(0) as u64)
+        })
+    }
+
+    fn set_publisher_cursor(&self, name: &str, seq: u64) -> Result<(), StoreError> {
+        self.write(|w| {
+            w.tx.execute(
+                "INSERT INTO publishers (name, cursor) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)",
+                params![name, seq as i64],
+            )?;
+            Ok(())
         })
     }
 

@@ -538,3 +538,64 @@ pub struct FailureRecord {
     /// When.
     pub at: Timestamp,
 }
+
+/// A webhook subscription.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Webhook {
+    /// Its id.
+    pub id: i64,
+    /// The tenant whose events it receives.
+    pub tenant: String,
+    /// Where they are POSTed.
+    pub url: String,
+    /// The HMAC-SHA256 signing secret.
+    #[serde(skip)]
+    pub secret: String,
+    /// Which events: `{"types": [...], "project": ..., "job_type": ...}` (absent keys match all).
+    pub filter: Value,
+    /// The last history sequence number resolved.
+    pub cursor: u64,
+    /// No attempt before this instant (after a failure).
+    pub next_at: Timestamp,
+    /// When it was made.
+    pub created_at: Timestamp,
+}
+
+/// What became of one delivery attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// The receiver answered 2xx: the cursor moves past the event.
+    Delivered {
+        /// HTTP status.
+        code: u16,
+    },
+    /// It failed: retried at `retry_at`, or dead-lettered (and the cursor moves past it) once
+    /// this was attempt `max_attempts`.
+    Failed {
+        /// HTTP status, if there was an answer.
+        code: Option<u16>,
+        /// What went wrong.
+        error: String,
+        /// The next attempt, if there is one.
+        retry_at: Timestamp,
+        /// Attempts before the event is dead-lettered.
+        max_attempts: u32,
+    },
+}
+
+/// A row of a webhook's delivery log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Delivery {
+    /// The event.
+    pub seq: u64,
+    /// `pending`, `delivered` or `dead`.
+    pub status: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// The last HTTP status.
+    pub last_code: Option<u16>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+}

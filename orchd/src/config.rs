@@ -40,6 +40,10 @@ pub struct Settings {
     pub import: ImportSettings,
     /// Event streams (SSE, WebSocket) and their resume buffer.
     pub events: EventSettings,
+    /// Signed webhooks.
+    pub webhooks: crate::hooks::WebhookSettings,
+    /// The NATS JetStream publisher.
+    pub nats: crate::hooks::NatsSettings,
     /// The job success objective behind `orch_slo_burn_rate` (e.g. 0.99).
     pub slo_success_objective: f64,
     /// Backoff after failures.
@@ -69,6 +73,8 @@ impl Default for Settings {
             import: ImportSettings::default(),
             events: EventSettings::default(),
             slo_success_objective: 0.99,
+            webhooks: crate::hooks::WebhookSettings::default(),
+            nats: crate::hooks::NatsSettings::default(),
             retry: store.retry,
             reaper_interval_ms: 1_000,
             log_format: "text".into(),
@@ -160,6 +166,9 @@ impl Settings {
         }
         if !(0.0..1.0).contains(&self.slo_success_objective) {
             bail!("slo_success_objective must be in [0, 1), e.g. 0.99");
+        }
+        if self.webhooks.max_attempts == 0 || self.webhooks.poll_ms == 0 || self.webhooks.timeout_ms == 0 {
+            bail!("webhooks.max_attempts, webhooks.poll_ms and webhooks.timeout_ms must be at least 1");
         }
         if self.idempotency_ttl_ms == 0 {
             bail!("idempotency_ttl_ms must be at least 1");

@@ -15,9 +15,11 @@ use tokio::sync::broadcast;
 
 use crate::AppState;
 
-/// One event as streams and hooks carry it.
-#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+/// One event as streams and hooks carry it (`schemas/event-envelope.schema.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema, schemars::JsonSchema)]
 pub struct Envelope {
+    /// The envelope format's version (1).
+    pub v: u32,
     /// The event's sequence number (the SSE id).
     pub seq: u64,
     /// When it happened.
@@ -182,6 +184,7 @@ impl Enricher {
         };
         let data = serde_json::to_value(&ev.event).ok().and_then(|v| v.get("data").cloned()).unwrap_or(Value::Null);
         Envelope {
+            v: 1,
             seq: ev.seq,
             at: ev.at,
             event_type: ev.event.type_name().to_string(),
@@ -228,6 +231,7 @@ mod tests {
 
     fn env(seq: u64, at_ms: i64, tenant: &str) -> Envelope {
         Envelope {
+            v: 1,
             seq,
             at: Timestamp::from_millis(at_ms),
             event_type: "job.enqueued".into(),
@@ -240,6 +244,20 @@ mod tests {
             correlation_id: "c".into(),
             data: Value::Null,
         }
+    }
+
+    /// `schemas/event-envelope.schema.json` is the envelope's schema. `ORCH_UPDATE_SCHEMAS=1`
+    /// rewrites it.
+    #[test]
+    fn committed_envelope_schema_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/event-envelope.schema.json");
+        let mut schema = serde_json::to_value(schemars::schema_for!(Envelope)).unwrap();
+        schema["$id"] = "https://orch.invalid/schemas/event-envelope.schema.json".into();
+        let want = orch_core::schema::to_file_text(&schema);
+        if std::env::var_os("ORCH_UPDATE_SCHEMAS").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        assert!(std::fs::read_to_string(&path).unwrap_or_default() == want, "{} is stale", path.display());
     }
 
     #[test]

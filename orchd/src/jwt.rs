@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
-use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::{decode, decode_header, Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -51,27 +51,28 @@ pub struct JwtPrincipal {
     pub expires_at: i64,
 }
 
-/// Why a JWKS or a token was refused.
+/// Why a JWKS, the settings or a token was refused.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum JwtError {
-    /// The JWKS file is unreadable or holds no usable key.
-    #[error("JWKS {path}: {why}")]
+    /// The JWKS is unreadable, not a JWKS, or holds no usable key.
+    #[error("JWKS {}: {why}", path.as_ref().map_or("(inline)".into(), |p| p.display().to_string()))]
     Jwks {
-        /// The file (or `inline`).
-        path: String,
+        /// The file, when the JWKS came from one.
+        path: Option<PathBuf>,
         /// Why.
         why: String,
     },
-    /// The settings cannot work.
+    /// The `[jwt]` settings cannot work.
     #[error("jwt settings: {0}")]
     Settings(String),
     /// The token is not a well-formed JWT.
     #[error("malformed token: {0}")]
     Malformed(String),
-    /// No key of the set has the token's `kid`.
+    /// No key of the set has the token's `kid` (or the token has none and the set has several keys).
     #[error("no key {0:?} in the JWKS")]
     UnknownKey(String),
-    /// The algorithm is not accepted, or does not fit the key.
+    /// The algorithm is never accepted (`none`, HMAC), or does not fit the key.
     #[error("algorithm {0:?} is not accepted for this key")]
     Algorithm(String),
     /// The signature does not verify.
@@ -98,11 +99,18 @@ impl JwtError {
     /// The stable code of the API error envelope.
     pub fn code(&self) -> &'static str {
         match self {
-            JwtError::Jwks { .. } | JwtError::Settings(_) => "jwks_invalid",
+            JwtError::Jwks { .. } => "jwks_invalid",
+            JwtError::Settings(_) => "jwt_settings_invalid",
             JwtError::Expired => "token_expired",
+            JwtError::NotYetValid => "token_not_yet_valid",
             _ => "token_invalid",
         }
     }
+}
+
+/// Only asymmetric signatures are accepted: never HMAC (and `none` is not even an [`Algorithm`]).
+fn accepted(alg: Algorithm) -> bool {
+    alg.family() != AlgorithmFamily::Hmac
 }
 
 struct Key {
@@ -112,7 +120,7 @@ struct Key {
     key: DecodingKey,
 }
 
-/// Checks JWTs against a fixed set of keys.
+/// Checks JWTs against a fixed set of public keys.
 pub struct JwtVerifier {
     keys: Vec<Key>,
     settings: JwtSettings,
@@ -120,17 +128,18 @@ pub struct JwtVerifier {
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtVerifier").field("keys", &self.keys.len()).field("issuer", &self.settings.issuer).finish()
+        let kids: Vec<_> = self.keys.iter().map(|k| k.kid.as_deref().unwrap_or("(no kid)")).collect();
+        f.debug_struct("JwtVerifier").field("kids", &kids).field("issuer", &self.settings.issuer).finish()
     }
 }
 
-/// The algorithms a JWK may verify, or none for keys we do not accept (symmetric, encryption).
+/// The algorithms a JWK may verify; none for keys we do not accept (symmetric, encryption, other curves).
 fn algorithms(jwk: &Jwk) -> Vec<Algorithm> {
     if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))) {
         return Vec::new();
     }
-    let by_type: Vec<Algorithm> = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => vec![
+    let by_type: &[Algorithm] = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => &[
             Algorithm::RS256,
             Algorithm::RS384,
             Algorithm::RS512,
@@ -138,71 +147,74 @@ fn algorithms(jwk: &Jwk) -> Vec<Algorithm> {
             Algorithm::PS384,
             Algorithm::PS512,
         ],
-        AlgorithmParameters::EllipticCurve(p) => match p.curve {
-            EllipticCurve::P256 => vec![Algorithm::ES256],
-            EllipticCurve::P384 => vec![Algorithm::ES384],
-            _ => vec![],
-        },
-        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => vec![Algorithm::EdDSA],
-        _ => vec![],
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => &[Algorithm::ES256],
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P384 => &[Algorithm::ES384],
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => &[Algorithm::EdDSA],
+        _ => &[],
     };
-    match &jwk.common.key_algorithm {
-        None => by_type,
-        Some(named) => by_type.into_iter().filter(|a| key_algorithm(*a) == Some(*named)).collect(),
-    }
+    // A JWK `alg` names the one algorithm it is for; compare by name (both enums spell them alike).
+    let named = jwk.common.key_algorithm.map(|a| format!("{a:?}"));
+    by_type.iter().copied().filter(|a| named.as_ref().is_none_or(|n| *n == format!("{a:?}"))).collect()
 }
 
-fn key_algorithm(a: Algorithm) -> Option<KeyAlgorithm> {
-    Some(match a {
-        Algorithm::RS256 => KeyAlgorithm::RS256,
-        Algorithm::RS384 => KeyAlgorithm::RS384,
-        Algorithm::RS512 => KeyAlgorithm::RS512,
-        Algorithm::PS256 => KeyAlgorithm::PS256,
-        Algorithm::PS384 => KeyAlgorithm::PS384,
-        Algorithm::PS512 => KeyAlgorithm::PS512,
-        Algorithm::ES256 => KeyAlgorithm::ES256,
-        Algorithm::ES384 => KeyAlgorithm::ES384,
-        Algorithm::EdDSA => KeyAlgorithm::EdDSA,
-        _ => return None,
-    })
+/// Decodes unpadded base64url; `None` if it is not.
+fn b64url_decode(s: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0u32);
+    for c in s.bytes() {
+        acc = (acc << 6 | ALPHABET.iter().position(|&a| a == c)? as u32) & 0xfff;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// The `alg` of a header that jsonwebtoken could not parse (`none`, unknown names), if it has one.
+fn raw_alg(token: &str) -> Option<String> {
+    let header: Value = serde_json::from_slice(&b64url_decode(token.split('.').next()?)?).ok()?;
+    header.get("alg")?.as_str().map(str::to_string)
 }
 
 impl JwtVerifier {
-    /// `None` when no JWKS is configured; otherwise reads and checks it.
+    /// `None` when no JWKS is configured; otherwise reads and checks it. Errors name the file.
     pub fn from_settings(s: &JwtSettings) -> Result<Option<JwtVerifier>, JwtError> {
         let Some(path) = &s.jwks_file else { return Ok(None) };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| JwtError::Jwks { path: path.display().to_string(), why: e.to_string() })?;
-        JwtVerifier::from_jwks(&text, s)
-            .map_err(|e| match e {
-                JwtError::Jwks { why, .. } => JwtError::Jwks { path: path.display().to_string(), why },
-                other => other,
-            })
-            .map(Some)
+        check_settings(s)?;
+        let named = |why: String| JwtError::Jwks { path: Some(path.clone()), why };
+        let text = std::fs::read_to_string(path).map_err(|e| named(e.to_string()))?;
+        match JwtVerifier::from_jwks(&text, s) {
+            Ok(v) => Ok(Some(v)),
+            Err(JwtError::Jwks { why, .. }) => Err(named(why)),
+            Err(other) => Err(other),
+        }
     }
 
-    /// A verifier over the keys of a JWKS document.
+    /// A verifier over the usable keys of a JWKS document; other keys are skipped.
     pub fn from_jwks(jwks_json: &str, s: &JwtSettings) -> Result<JwtVerifier, JwtError> {
-        if s.issuer.trim().is_empty() || s.audience.trim().is_empty() {
-            return Err(JwtError::Settings("jwt.issuer and jwt.audience must be set with jwt.jwks_file".into()));
+        check_settings(s)?;
+        let invalid = |why: String| JwtError::Jwks { path: None, why };
+        #[derive(Deserialize)]
+        struct Set {
+            keys: Vec<Value>,
         }
-        if s.tenant_claim.trim().is_empty() {
-            return Err(JwtError::Settings("jwt.tenant_claim must not be empty".into()));
-        }
-        let inline = |why: String| JwtError::Jwks { path: "inline".into(), why };
-        let set: JwkSet = serde_json::from_str(jwks_json).map_err(|e| inline(format!("not a JWKS: {e}")))?;
+        let set: Set = serde_json::from_str(jwks_json).map_err(|e| invalid(format!("not a JWKS: {e}")))?;
         let mut keys = Vec::new();
-        for jwk in &set.keys {
-            let algs = algorithms(jwk);
+        // Keys of a kind jsonwebtoken cannot even parse (other `kty`, curves, `alg`s) are skipped like the rest.
+        for jwk in set.keys.into_iter().filter_map(|k| serde_json::from_value::<Jwk>(k).ok()) {
+            let algs = algorithms(&jwk);
             if algs.is_empty() {
                 continue;
             }
-            let key = DecodingKey::from_jwk(jwk)
-                .map_err(|e| inline(format!("key {:?}: {e}", jwk.common.key_id.as_deref().unwrap_or("(no kid)"))))?;
-            keys.push(Key { kid: jwk.common.key_id.clone(), algs, key });
+            let kid = jwk.common.key_id.clone();
+            let key = DecodingKey::from_jwk(&jwk)
+                .map_err(|e| invalid(format!("key {:?}: {e}", kid.as_deref().unwrap_or("(no kid)"))))?;
+            keys.push(Key { kid, algs, key });
         }
         if keys.is_empty() {
-            return Err(inline("no usable signing key (asymmetric, for signatures)".into()));
+            return Err(invalid("no usable key (asymmetric, for signatures)".into()));
         }
         Ok(JwtVerifier { keys, settings: s.clone() })
     }
@@ -212,9 +224,16 @@ impl JwtVerifier {
         self.keys.len()
     }
 
-    /// Checks a token and says who it is for.
+    /// Checks a token's signature, algorithm, `iss`, `aud`, `exp` and `nbf`, and says who it is for.
     pub fn verify(&self, token: &str) -> Result<JwtPrincipal, JwtError> {
-        let header = decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
+        let header = decode_header(token).map_err(|e| match raw_alg(token) {
+            Some(alg) if alg.parse::<Algorithm>().map_or(true, |a| !accepted(a)) => JwtError::Algorithm(alg),
+            _ => JwtError::Malformed(e.to_string()),
+        })?;
+        let alg_error = || JwtError::Algorithm(format!("{:?}", header.alg));
+        if !accepted(header.alg) {
+            return Err(alg_error());
+        }
         let key = match &header.kid {
             Some(kid) => self
                 .keys
@@ -225,7 +244,7 @@ impl JwtVerifier {
             None => return Err(JwtError::UnknownKey("(no kid)".into())),
         };
         if !key.algs.contains(&header.alg) {
-            return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
+            return Err(alg_error());
         }
         let mut v = Validation::new(header.alg);
         v.set_issuer(&[&self.settings.issuer]);
@@ -233,20 +252,21 @@ impl JwtVerifier {
         v.leeway = self.settings.leeway_s;
         v.validate_nbf = true;
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data = decode::<Value>(token, &key.key, &v).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::ExpiredSignature => JwtError::Expired,
-                K::ImmatureSignature => JwtError::NotYetValid,
-                K::InvalidIssuer => JwtError::Issuer,
-                K::InvalidAudience => JwtError::Audience,
-                K::InvalidSignature => JwtError::Signature,
-                K::InvalidAlgorithm | K::InvalidAlgorithmName => JwtError::Algorithm(format!("{:?}", header.alg)),
-                K::MissingRequiredClaim(c) => JwtError::Claim(c.clone()),
-                _ => JwtError::Malformed(e.to_string()),
-            }
-        })?;
-        let claims = data.claims;
+        let claims = decode::<Value>(token, &key.key, &v)
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                match e.kind() {
+                    K::ExpiredSignature => JwtError::Expired,
+                    K::ImmatureSignature => JwtError::NotYetValid,
+                    K::InvalidIssuer => JwtError::Issuer,
+                    K::InvalidAudience => JwtError::Audience,
+                    K::InvalidSignature => JwtError::Signature,
+                    K::InvalidAlgorithm | K::InvalidAlgorithmName => alg_error(),
+                    K::MissingRequiredClaim(c) => JwtError::Claim(c.clone()),
+                    _ => JwtError::Malformed(e.to_string()),
+                }
+            })?
+            .claims;
         let text = |name: &str| {
             claims
                 .get(name)
@@ -258,24 +278,33 @@ impl JwtVerifier {
         let subject = text("sub")?;
         let tenant = text(&self.settings.tenant_claim)?;
         let mut scopes: Vec<String> = Vec::new();
-        if let Some(s) = claims.get("scope") {
-            let s = s.as_str().ok_or_else(|| JwtError::Claim("scope".into()))?;
-            scopes.extend(s.split_whitespace().map(str::to_string));
-        }
-        match claims.get("scp") {
-            None => {}
-            Some(Value::String(s)) => scopes.extend(s.split_whitespace().map(str::to_string)),
-            Some(Value::Array(items)) => {
-                for item in items {
-                    scopes.push(item.as_str().ok_or_else(|| JwtError::Claim("scp".into()))?.to_string());
+        for name in ["scope", "scp"] {
+            let bad = || JwtError::Claim(name.into());
+            match claims.get(name) {
+                None => {}
+                Some(Value::String(s)) => scopes.extend(s.split_whitespace().map(str::to_string)),
+                Some(Value::Array(items)) if name == "scp" => {
+                    for item in items {
+                        scopes.push(item.as_str().ok_or_else(bad)?.to_string());
+                    }
                 }
+                Some(_) => return Err(bad()),
             }
-            Some(_) => return Err(JwtError::Claim("scp".into())),
         }
         scopes.sort();
         scopes.dedup();
         let expires_at = claims.get("exp").and_then(Value::as_i64).ok_or_else(|| JwtError::Claim("exp".into()))?;
         Ok(JwtPrincipal { subject, tenant, scopes, expires_at })
+    }
+}
+
+fn check_settings(s: &JwtSettings) -> Result<(), JwtError> {
+    let missing = [("issuer", &s.issuer), ("audience", &s.audience), ("tenant_claim", &s.tenant_claim)]
+        .into_iter()
+        .find(|(_, v)| v.trim().is_empty());
+    match missing {
+        Some((name, _)) => Err(JwtError::Settings(format!("jwt.{name} must be set when jwt.jwks_file is"))),
+        None => Ok(()),
     }
 }
 
@@ -287,22 +316,33 @@ mod tests {
     use super::*;
 
     const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/jwt");
+    const ED: &str = "orch-test-ed25519";
 
     fn settings() -> JwtSettings {
         JwtSettings { issuer: "https://authority.test".into(), audience: "orchd".into(), ..JwtSettings::default() }
     }
 
+    fn jwks() -> String {
+        std::fs::read_to_string(format!("{DIR}/jwks.json")).unwrap()
+    }
+
     fn verifier() -> JwtVerifier {
-        JwtVerifier::from_jwks(&std::fs::read_to_string(format!("{DIR}/jwks.json")).unwrap(), &settings()).unwrap()
+        JwtVerifier::from_jwks(&jwks(), &settings()).unwrap()
     }
 
     fn now() -> i64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+        jsonwebtoken::get_current_timestamp() as i64
     }
 
     fn claims() -> Value {
         json!({"sub": "svc", "tenant": "acme", "iss": "https://authority.test", "aud": ["orchd", "other"],
                "exp": now() + 600, "scope": "orch:read orch:work", "scp": ["orch:read", "orch:quota"]})
+    }
+
+    fn with(k: &str, val: Value) -> Value {
+        let mut c = claims();
+        c[k] = val;
+        c
     }
 
     fn sign(pem: &str, alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
@@ -311,69 +351,129 @@ mod tests {
             Algorithm::EdDSA => EncodingKey::from_ed_pem(&bytes).unwrap(),
             _ => EncodingKey::from_rsa_pem(&bytes).unwrap(),
         };
-        let mut h = Header::new(alg);
-        h.kid = kid.map(str::to_string);
-        encode(&h, claims, &key).unwrap()
+        encode(&Header { kid: kid.map(str::to_string), ..Header::new(alg) }, claims, &key).unwrap()
+    }
+
+    fn ed(claims: &Value) -> String {
+        sign("ed25519.pem", Algorithm::EdDSA, Some(ED), claims)
+    }
+
+    fn refused(token: &str) -> JwtError {
+        verifier().verify(token).unwrap_err()
     }
 
     #[test]
-    fn accepts_eddsa_and_rs256_and_merges_scopes() {
-        let v = verifier();
-        assert_eq!(v.key_count(), 2, "the symmetric key is ignored");
-        for token in [
-            sign("ed25519.pem", Algorithm::EdDSA, Some("orch-test-ed25519"), &claims()),
-            sign("rsa.pem", Algorithm::RS256, Some("orch-test-rs256"), &claims()),
-        ] {
-            let p = v.verify(&token).unwrap();
-            assert_eq!((p.subject.as_str(), p.tenant.as_str()), ("svc", "acme"));
-            assert_eq!(p.scopes, ["orch:quota", "orch:read", "orch:work"]);
-        }
+    fn valid_eddsa_token_gives_the_principal() {
+        let p = verifier().verify(&ed(&claims())).unwrap();
+        assert_eq!((p.subject.as_str(), p.tenant.as_str()), ("svc", "acme"));
+        assert_eq!(p.scopes, ["orch:quota", "orch:read", "orch:work"]);
+        assert_eq!(p.expires_at, claims()["exp"].as_i64().unwrap());
     }
 
     #[test]
-    fn refuses_what_it_must() {
-        let v = verifier();
-        let ed = |c: &Value| sign("ed25519.pem", Algorithm::EdDSA, Some("orch-test-ed25519"), c);
-        let with = |k: &str, val: Value| {
-            let mut c = claims();
-            c[k] = val;
-            c
-        };
-        assert!(matches!(v.verify(&ed(&with("exp", json!(now() - 3600)))), Err(JwtError::Expired)));
-        assert!(matches!(v.verify(&ed(&with("nbf", json!(now() + 3600)))), Err(JwtError::NotYetValid)));
-        assert!(matches!(v.verify(&ed(&with("iss", json!("https://evil.test")))), Err(JwtError::Issuer)));
-        assert!(matches!(v.verify(&ed(&with("aud", json!("someone")))), Err(JwtError::Audience)));
-        let mut no_tenant = claims();
-        no_tenant.as_object_mut().unwrap().remove("tenant");
-        assert!(matches!(v.verify(&ed(&no_tenant)), Err(JwtError::Claim(c)) if c == "tenant"));
-        let other = sign("other-ed25519.pem", Algorithm::EdDSA, Some("orch-test-ed25519"), &claims());
-        assert!(matches!(v.verify(&other), Err(JwtError::Signature)));
-        let unknown = sign("ed25519.pem", Algorithm::EdDSA, Some("nope"), &claims());
-        assert!(matches!(v.verify(&unknown), Err(JwtError::UnknownKey(_))));
-        // Algorithm confusion: an RSA signature presented under the Ed25519 key's id.
-        let confused = sign("rsa.pem", Algorithm::RS256, Some("orch-test-ed25519"), &claims());
-        assert!(matches!(v.verify(&confused), Err(JwtError::Algorithm(_))));
-        let hmac = encode(&Header::new(Algorithm::HS256), &claims(), &EncodingKey::from_secret(b"secret")).unwrap();
-        assert!(v.verify(&hmac).is_err());
-        // alg "none", crafted by hand.
-        let b64 = |v: &Value| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, v.to_string());
-        let none = format!("{}.{}.", b64(&json!({"alg": "none", "kid": "orch-test-ed25519"})), b64(&claims()));
-        assert!(v.verify(&none).is_err());
-        assert!(matches!(v.verify("not-a-jwt"), Err(JwtError::Malformed(_))));
-        assert_eq!(JwtError::Expired.code(), "token_expired");
-        assert_eq!(JwtError::Signature.code(), "token_invalid");
+    fn valid_rs256_token_gives_the_principal() {
+        let c = with("scp", json!("orch:admin orch:read"));
+        let p = verifier().verify(&sign("rsa.pem", Algorithm::RS256, Some("orch-test-rs256"), &c)).unwrap();
+        assert_eq!(p.scopes, ["orch:admin", "orch:read", "orch:work"]);
+        assert_eq!(p.tenant, "acme");
     }
 
     #[test]
-    fn settings_and_key_sets_are_checked() {
+    fn time_claims_are_checked_with_leeway() {
+        assert!(matches!(refused(&ed(&with("exp", json!(now() - 3600)))), JwtError::Expired));
+        assert_eq!(refused(&ed(&with("exp", json!(now() - 3600)))).code(), "token_expired");
+        assert!(verifier().verify(&ed(&with("exp", json!(now() - 10)))).is_ok(), "within the 30 s leeway");
+        assert!(matches!(refused(&ed(&with("nbf", json!(now() + 3600)))), JwtError::NotYetValid));
+        let mut no_exp = claims();
+        no_exp.as_object_mut().unwrap().remove("exp");
+        assert!(matches!(refused(&ed(&no_exp)), JwtError::Claim(c) if c == "exp"));
+    }
+
+    #[test]
+    fn wrong_issuer_and_audience_are_refused() {
+        assert!(matches!(refused(&ed(&with("iss", json!("https://evil.test")))), JwtError::Issuer));
+        assert!(matches!(refused(&ed(&with("aud", json!("someone")))), JwtError::Audience));
+    }
+
+    #[test]
+    fn unknown_kid_is_refused() {
+        let token = sign("ed25519.pem", Algorithm::EdDSA, Some("nope"), &claims());
+        assert!(matches!(refused(&token), JwtError::UnknownKey(k) if k == "nope"));
+        let no_kid = sign("ed25519.pem", Algorithm::EdDSA, None, &claims());
+        assert!(matches!(refused(&no_kid), JwtError::UnknownKey(_)), "two keys: a kid is needed");
+        let one_key =
+            r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "9_6dRcE10xPZJ_ydr9Aodas-FE8wBFe8VBAhSwEK4ok"}]}"#;
+        assert!(JwtVerifier::from_jwks(one_key, &settings()).unwrap().verify(&no_kid).is_ok());
+    }
+
+    #[test]
+    fn key_outside_the_set_is_refused() {
+        let token = sign("other-ed25519.pem", Algorithm::EdDSA, Some(ED), &claims());
+        assert!(matches!(refused(&token), JwtError::Signature));
+        assert_eq!(refused(&token).code(), "token_invalid");
+    }
+
+    #[test]
+    fn algorithm_confusion_is_refused() {
+        let token = sign("rsa.pem", Algorithm::RS256, Some(ED), &claims());
+        assert!(matches!(refused(&token), JwtError::Algorithm(a) if a == "RS256"));
+        let ps = sign("rsa.pem", Algorithm::PS256, Some("orch-test-rs256"), &claims());
+        assert!(matches!(refused(&ps), JwtError::Algorithm(a) if a == "PS256"), "the JWK says RS256");
+    }
+
+    #[test]
+    fn hs256_is_refused() {
+        let h = Header { kid: Some(ED.into()), ..Header::new(Algorithm::HS256) };
+        let token = encode(&h, &claims(), &EncodingKey::from_secret(b"secret")).unwrap();
+        assert!(matches!(refused(&token), JwtError::Algorithm(a) if a == "HS256"));
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        // The header is base64url of `{"alg":"none"}`; the claims are those of a valid token.
+        let token = format!("eyJhbGciOiJub25lIn0.{}.", ed(&claims()).split('.').nth(1).unwrap());
+        assert!(matches!(refused(&token), JwtError::Algorithm(a) if a == "none"));
+        assert!(matches!(refused("not-a-jwt"), JwtError::Malformed(_)));
+    }
+
+    #[test]
+    fn missing_tenant_is_refused() {
+        let mut c = claims();
+        c.as_object_mut().unwrap().remove("tenant");
+        assert!(matches!(refused(&ed(&c)), JwtError::Claim(n) if n == "tenant"));
+        assert!(matches!(refused(&ed(&with("tenant", json!("")))), JwtError::Claim(n) if n == "tenant"));
+    }
+
+    #[test]
+    fn unusable_keys_are_skipped_and_a_set_without_usable_keys_is_an_error() {
+        let mut set: Value = serde_json::from_str(&jwks()).unwrap();
+        let junk = [
+            json!({"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"}),
+            json!({"kty": "RSA", "kid": "enc", "use": "enc", "alg": "RSA-OAEP", "n": "AQAB", "e": "AQAB"}),
+            json!({"kty": "OKP", "crv": "X25519", "kid": "ecdh", "x": "AAAA"}),
+        ];
+        set["keys"].as_array_mut().unwrap().extend(junk.clone());
+        assert_eq!(JwtVerifier::from_jwks(&set.to_string(), &settings()).unwrap().key_count(), 2);
+        let only_junk = json!({ "keys": junk }).to_string();
+        let err = JwtVerifier::from_jwks(&only_junk, &settings()).unwrap_err();
+        assert!(matches!(err, JwtError::Jwks { path: None, .. }));
+        assert_eq!(err.code(), "jwks_invalid");
+    }
+
+    #[test]
+    fn from_settings_reads_the_file_or_gives_none() {
         assert!(JwtVerifier::from_settings(&JwtSettings::default()).unwrap().is_none());
-        let only_hmac = r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#;
-        assert!(matches!(JwtVerifier::from_jwks(only_hmac, &settings()), Err(JwtError::Jwks { .. })));
-        let jwks = std::fs::read_to_string(format!("{DIR}/jwks.json")).unwrap();
-        let no_issuer = JwtSettings { issuer: String::new(), ..settings() };
-        assert!(matches!(JwtVerifier::from_jwks(&jwks, &no_issuer), Err(JwtError::Settings(_))));
+        let file = JwtSettings { jwks_file: Some(format!("{DIR}/jwks.json").into()), ..settings() };
+        assert_eq!(JwtVerifier::from_settings(&file).unwrap().unwrap().key_count(), 2);
         let missing = JwtSettings { jwks_file: Some("/nonexistent/jwks.json".into()), ..settings() };
         let err = JwtVerifier::from_settings(&missing).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/jwks.json"), "{err}");
+        assert!(matches!(&err, JwtError::Jwks { path: Some(_), .. }) && err.to_string().contains("/nonexistent/"));
+    }
+
+    #[test]
+    fn empty_issuer_is_a_settings_error() {
+        let s = JwtSettings { jwks_file: Some(format!("{DIR}/jwks.json").into()), issuer: String::new(), ..settings() };
+        assert!(matches!(JwtVerifier::from_settings(&s), Err(JwtError::Settings(m)) if m.contains("issuer")));
+        assert!(matches!(JwtVerifier::from_jwks(&jwks(), &s), Err(JwtError::Settings(_))));
     }
 }

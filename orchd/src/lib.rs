@@ -4,6 +4,7 @@
 pub mod config;
 pub mod demo;
 pub mod events;
+pub mod hooks;
 pub mod http;
 pub mod import;
 pub mod jwt;

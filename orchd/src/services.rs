@@ -56,7 +56,93 @@ pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandl
             }
         }
     });
-    vec![reaper, sweeper, tailer]
+    let mut site_id = String::new();
+    if let Err(e) = state.store.snapshot(&mut |snap| {
+        site_id = snap.site_id()?;
+        Ok(())
+    }) {
+        tracing::error!(error = %e, "reading the site id");
+    }
+    let outbox = std::sync::Arc::new(std::sync::Mutex::new(crate::hooks::Outbox::new(&site_id)));
+    let hook_poll = Duration::from_millis(state.settings.webhooks.poll_ms);
+    let webhooks = {
+        let outbox = outbox.clone();
+        spawn_periodic("webhooks", state.clone(), hook_poll, stop.clone(), move |st| {
+            let outbox = outbox.clone();
+            async move {
+                if let Err(e) = crate::hooks::deliver_once(&st, &outbox).await {
+                    tracing::error!(error = %e, "webhook delivery failed");
+                }
+            }
+        })
+    };
+    let mut tasks = vec![reaper, sweeper, tailer, webhooks];
+    if let Some(url) = state.settings.nats.url.clone() {
+        tasks.push(spawn_nats(state.clone(), url, site_id, outbox, stop));
+    }
+    tasks
+}
+
+/// Connects to NATS (retrying), makes sure the stream exists, and publishes new events until
+/// `stop`.
+fn spawn_nats(
+    state: AppState,
+    url: String,
+    site_id: String,
+    outbox: std::sync::Arc<std::sync::Mutex<crate::hooks::Outbox>>,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let settings = state.settings.nats.clone();
+        let poll = Duration::from_millis(state.settings.events.poll_ms.max(50));
+        'connect: loop {
+            let js = async {
+                let client = async_nats::connect(&url).await.map_err(|e| e.to_string())?;
+                let js = async_nats::jetstream::new(client);
+                js.get_or_create_stream(async_nats::jetstream::stream::Config {
+                    name: settings.stream.clone(),
+                    subjects: vec![format!("{}.>", settings.subject_prefix)],
+                    duplicate_window: Duration::from_secs(3600),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok::<_, String>(js)
+            };
+            let js = tokio::select! {
+                js = js => js,
+                _ = stop.changed() => break 'connect,
+            };
+            let js = match js {
+                Ok(js) => {
+                    tracing::info!(%url, stream = %settings.stream, "publishing events to NATS JetStream");
+                    js
+                }
+                Err(e) => {
+                    tracing::warn!(%url, error = %e, "NATS unavailable; retrying in 5 s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => continue 'connect,
+                        _ = stop.changed() => break 'connect,
+                    }
+                }
+            };
+            loop {
+                match crate::hooks::publish_once(&state, &js, &site_id, &outbox).await {
+                    Ok(500) => continue,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NATS publish failed; reconnecting");
+                        continue 'connect;
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = stop.changed() => break 'connect,
+                }
+            }
+        }
+        tracing::debug!(service = "nats", "stopped");
+    })
 }
 
 /// Runs `tick` every `interval` until `stop` becomes true.

@@ -298,6 +298,97 @@ pub mod api {
     }
 }
 
+/// A minimal HTTP receiver for webhooks: answers every request with a settable status and
+/// hands over what it received.
+pub mod receiver {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+    use std::time::Duration;
+
+    /// One request.
+    #[derive(Debug, Clone)]
+    pub struct Received {
+        /// Headers, lower-case names.
+        pub headers: Vec<(String, String)>,
+        /// The body.
+        pub body: Vec<u8>,
+        /// The status it was answered with.
+        pub status: u16,
+    }
+
+    impl Received {
+        /// A header's value.
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// A running receiver.
+    pub struct Receiver {
+        /// Its URL.
+        pub url: String,
+        status: Arc<AtomicU16>,
+        rx: Mutex<mpsc::Receiver<Received>>,
+    }
+
+    impl Receiver {
+        /// Listens on a free loopback port, answering 200.
+        pub fn start() -> Receiver {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let url = format!("http://{}/hook", listener.local_addr().unwrap());
+            let status = Arc::new(AtomicU16::new(200));
+            let (tx, rx) = mpsc::channel();
+            let st = status.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(mut stream) = stream else { continue };
+                    let (tx, st) = (tx.clone(), st.clone());
+                    std::thread::spawn(move || {
+                        let mut reader = BufReader::new(stream.try_clone().unwrap());
+                        let mut headers = Vec::new();
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        loop {
+                            line.clear();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                                break;
+                            }
+                            if let Some((k, v)) = line.trim_end().split_once(':') {
+                                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                            }
+                        }
+                        let len = headers
+                            .iter()
+                            .find(|(k, _)| k == "content-length")
+                            .and_then(|(_, v)| v.parse().ok())
+                            .unwrap_or(0usize);
+                        let mut body = vec![0; len];
+                        let _ = reader.read_exact(&mut body);
+                        let status = st.load(Ordering::SeqCst);
+                        let _ = write!(stream, "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                        let _ = tx.send(Received { headers, body, status });
+                    });
+                }
+            });
+            Receiver { url, status, rx: Mutex::new(rx) }
+        }
+
+        /// What it answers from now on.
+        pub fn set_status(&self, status: u16) {
+            self.status.store(status, Ordering::SeqCst);
+        }
+
+        /// The next request, if one comes within `timeout`.
+        pub fn next(&self, timeout: Duration) -> Option<Received> {
+            self.rx.lock().unwrap().recv_timeout(timeout).ok()
+        }
+    }
+}
+
 /// Building ledgers and bundles for tests, deterministically where it matters.
 pub mod ledger {
     use std::path::Path;

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod hooks;
 pub mod idempotency;
 pub mod jobs;
 pub mod legacy;
@@ -72,6 +73,10 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(stream::errors))
         .routes(routes!(stream::metrics))
         .routes(routes!(stream::dashboard))
+        .routes(routes!(hooks::create, hooks::list))
+        .routes(routes!(hooks::delete))
+        .routes(routes!(hooks::deliveries))
+        .routes(routes!(hooks::redeliver))
         .routes(routes!(legacy::job))
         .routes(routes!(legacy::summary))
         .split_for_parts()
@@ -102,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), limit_body))
         .layer(from_fn(envelope))
         .with_state(state)
 }
@@ -182,6 +188,45 @@ async fn envelope(mut req: Request, next: Next) -> Response {
     h.insert(HeaderName::from_static(VERSION), HeaderValue::from_static(API_VERSION));
     h.insert(REQUEST_ID, HeaderValue::from_str(&id).expect("checked ASCII"));
     resp
+}
+
+/// How much of an oversized body is read and thrown away before the 413 goes out. Closing a
+/// socket with unread data in it resets the connection, and the client then sees a reset
+/// instead of the answer; draining a bounded excess lets ordinary clients read the 413.
+const DRAIN_BYTES: usize = 4 << 20;
+
+/// Middleware: buffers a request body up to the configured limit. A larger body is refused with
+/// 413 `body_too_large` (after draining at most [`DRAIN_BYTES`] more) and `Connection: close`.
+async fn limit_body(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    use futures_util::StreamExt;
+    let limit = state.settings.max_body_bytes;
+    let (parts, body) = req.into_parts();
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut excess = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else {
+            return ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "the request body could not be read")
+                .into_response();
+        };
+        if excess > 0 || buf.len() + chunk.len() > limit {
+            excess += chunk.len();
+            if excess > DRAIN_BYTES {
+                break;
+            }
+        } else {
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    if excess > 0 {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the body is larger than the daemon accepts",
+        )
+        .into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(buf))).await
 }
 
 /// Puts the request id into an error envelope, or replaces a body that is not one.

@@ -36,6 +36,7 @@ use utoipa::Modify;
         (name = "quotas", description = "Per-tenant limits (audited)"),
         (name = "backfills", description = "Event-time backfills (audited)"),
         (name = "events", description = "Live event streams and failure clusters"),
+        (name = "webhooks", description = "Signed webhooks: subscriptions, delivery log, redelivery"),
         (name = "imports", description = "Offline Kit: bundles from other sites"),
         (name = "legacy", description = "Deprecated aliases"),
         (name = "health", description = "Probes and discovery"),
