@@ -261,6 +261,8 @@ mod tests {
                 max_attempts: 3,
                 idempotency_key: None,
                 run: None,
+                depends_on: Vec::new(),
+                on_parent_failure: Default::default(),
             }),
         }
     }

@@ -75,6 +75,30 @@ pub struct JobSpec {
     /// The run (a backfill, a schedule firing) the job belongs to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<i64>,
+    /// Jobs that must succeed before this one may be claimed (its parents in a DAG).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<JobId>,
+    /// What a dead-lettered or cancelled parent does to this job.
+    #[serde(default, skip_serializing_if = "ParentFailure::is_block")]
+    pub on_parent_failure: ParentFailure,
+}
+
+/// What happens to a job whose parent is dead-lettered or cancelled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ParentFailure {
+    /// It stays queued and unclaimable until the parent is retried and succeeds.
+    #[default]
+    Block,
+    /// It is cancelled, and so are its own descendants that say `cancel`.
+    Cancel,
+}
+
+impl ParentFailure {
+    /// Whether this is the default, [`ParentFailure::Block`].
+    pub fn is_block(&self) -> bool {
+        *self == ParentFailure::Block
+    }
 }
 
 /// A worker's hold on a job.

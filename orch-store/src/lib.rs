@@ -27,8 +27,15 @@ pub trait Store: Send + Sync + 'static {
     fn enqueue(&self, actor: &str, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, StoreError>;
 
     /// Leases up to `req.limit` ready jobs of the given queues, highest priority first, then
-    /// earliest `run_after`, then lowest id.
-    fn claim(&self, req: &ClaimRequest) -> Result<Vec<Allocation>, StoreError>;
+    /// earliest `run_after`, then lowest id. A job is ready when its `run_after` has come and
+    /// every job it depends on succeeded.
+    fn claim(&self, req: &ClaimRequest) -> Result<Vec<Allocation>, StoreError> {
+        self.claim_gated(req, &mut OpenGate)
+    }
+
+    /// [`Store::claim`], leasing only the jobs `gate` admits (in the same transaction, with
+    /// the gate's throttle records).
+    fn claim_gated(&self, req: &ClaimRequest, gate: &mut dyn ClaimGate) -> Result<Vec<Allocation>, StoreError>;
 
     /// Extends a lease, optionally recording progress.
     fn heartbeat(&self, scope: &Scope, job: JobId, hb: Heartbeat) -> Result<Job, StoreError>;
@@ -89,8 +96,59 @@ pub trait Store: Send + Sync + 'static {
     /// reason and ticket, in one transaction. Returns the audit event.
     fn put_setting(&self, actor: &str, change: SettingChange) -> Result<Event, StoreError>;
 
+    /// Removes a tenant setting (`change.doc` is ignored) and files a `<kind>.delete` audit
+    /// event. A setting that does not exist is [`StoreError::Missing`].
+    fn delete_setting(&self, actor: &str, change: SettingChange) -> Result<Event, StoreError>;
+
     /// The settings of one kind in a scope, by tenant and id.
     fn settings(&self, scope: &Scope, kind: SettingKind) -> Result<Vec<Setting>, StoreError>;
+
+    /// Appends throttle records (rate-limit decisions, bucket and breaker changes); their
+    /// `seq` is assigned by the store.
+    fn record_throttles(&self, records: Vec<orch_core::throttle::ThrottleRecord>) -> Result<(), StoreError>;
+
+    /// Throttle records in a scope, oldest first, after `page.after`.
+    fn throttles(
+        &self,
+        scope: &Scope,
+        page: PageRequest,
+    ) -> Result<Page<orch_core::throttle::ThrottleRecord>, StoreError>;
+
+    /// The job a tenant enqueued with an idempotency key, if any.
+    fn job_by_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError>;
+
+    /// How many jobs of a tenant (and queue) are queued, counting at most to `cap`.
+    fn queued(&self, tenant: &str, queue: Option<&str>, cap: u64) -> Result<u64, StoreError>;
+
+    /// Puts up to `limit` dead-lettered jobs back in the queue (those of `queue`, or all),
+    /// in one transaction, each with its own `job.retried` event. Returns them.
+    fn retry_dead(
+        &self,
+        scope: &Scope,
+        queue: Option<&str>,
+        actor: &str,
+        reason: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError>;
+
+    /// When a schedule last fired, and the job that firing made.
+    fn schedule_fired(&self, tenant: &str, id: &str) -> Result<Option<(Timestamp, Option<JobId>)>, StoreError>;
+
+    /// Records that a schedule fired at `at`, making (or keeping) `job`.
+    fn set_schedule_fired(&self, tenant: &str, id: &str, at: Timestamp, job: Option<JobId>) -> Result<(), StoreError>;
+
+    /// Brings the incidents of `kinds` in line with the conditions that hold now, in one
+    /// transaction: a condition with no open incident opens one, an open incident whose
+    /// condition is gone closes. Each opening and closing files an `incident.opened` /
+    /// `incident.closed` audit event in the tenant's history.
+    fn sync_incidents(&self, kinds: &[&str], now: Vec<IncidentSpec>) -> Result<IncidentChanges, StoreError>;
+
+    /// Incidents in a scope, newest first (`open`: only open or only closed ones).
+    fn incidents(&self, scope: &Scope, open: Option<bool>, page: PageRequest) -> Result<Page<Incident>, StoreError>;
+
+    /// Unfinished jobs that look stuck: running without a heartbeat since `quiet_since`, or
+    /// whose lease lapsed on each of their last `lease_losses` or more attempts. At most `limit`.
+    fn stuck_jobs(&self, quiet_since: Timestamp, lease_losses: u32, limit: usize) -> Result<Vec<Job>, StoreError>;
 
     /// Stores a new API token.
     fn put_token(&self, token: NewToken) -> Result<TokenRecord, StoreError>;

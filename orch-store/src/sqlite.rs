@@ -1,12 +1,12 @@
 //! The SQLite backend: one file in WAL mode, numbered migrations, one writer connection and a
 //! small pool of readers. All SQL of the SQLite backend lives in this module.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use orch_core::hash::GENESIS_HASH;
-use orch_core::{apply, Artifact, Clock, Event, EventDraft, EventKind, Job, JobId, JobSpec, TransitionError};
+use orch_core::{apply, Artifact, Clock, Event, EventDraft, EventKind, Job, JobId, JobSpec, JobState, TransitionError};
 use rusqlite::{params, params_from_iter, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 use tracing::instrument;
 
@@ -25,6 +25,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_api.sql"),
     include_str!("../migrations/0003_import.sql"),
     include_str!("../migrations/0004_hooks.sql"),
+    include_str!("../migrations/0005_flow.sql"),
 ];
 
 /// How hard SQLite works to make commits durable.
@@ -135,8 +136,9 @@ impl SqliteStore {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = self.clock.now();
-        let mut w = Writer { tx: &tx, now, next_seq: None, heads: HashMap::new(), opts: &self.opts };
+        let mut w = Writer { tx: &tx, now, next_seq: None, heads: HashMap::new(), opts: &self.opts, ended: Vec::new() };
         let out = f(&mut w)?;
+        w.cascade()?;
         w.flush_heads()?;
         tx.commit()?;
         Ok(out)
@@ -218,6 +220,8 @@ struct Writer<'t> {
     /// Each tenant's chain head as this transaction moved it: (seq, hash).
     heads: HashMap<String, (u64, String)>,
     opts: &'t StoreOptions,
+    /// Jobs this transaction dead-lettered or cancelled: their children may follow.
+    ended: Vec<JobId>,
 }
 
 impl Writer<'_> {
@@ -283,6 +287,10 @@ impl Writer<'_> {
             ])?;
         if let Some(job) = &job {
             self.write_job(job, prev.is_none())?;
+            let ended = matches!(job.state, JobState::Dead | JobState::Cancelled);
+            if ended && prev.is_some_and(|p| p.state != job.state) {
+                self.ended.push(job.id);
+            }
         }
         self.next_seq = Some(seq + 1);
         self.heads.insert(ev.tenant.clone(), (seq, ev.hash));
@@ -339,6 +347,30 @@ impl Writer<'_> {
                     continue;
                 }
             }
+            let mut parents = Vec::with_capacity(j.depends_on.len());
+            for dep in &j.depends_on {
+                let parent = match *dep {
+                    Dep::Earlier(i) => out.get(i).map(|e: &Enqueued| e.job.id).ok_or_else(|| {
+                        StoreError::Invalid(format!("job {} depends on a later job of its batch", out.len()))
+                    })?,
+                    Dep::Job(id) => {
+                        let tenant: Option<String> = self
+                            .tx
+                            .prepare_cached("SELECT tenant FROM jobs WHERE id = ?1")?
+                            .query_row([id], |r| r.get(0))
+                            .optional()?;
+                        if tenant.as_deref() != Some(j.tenant.as_str()) {
+                            return Err(StoreError::Invalid(format!(
+                                "depends_on names job {id}, which does not exist"
+                            )));
+                        }
+                        id
+                    }
+                };
+                parents.push(parent);
+            }
+            parents.sort_unstable();
+            parents.dedup();
             let id = next_id;
             next_id += 1;
             let spec = JobSpec {
@@ -350,6 +382,8 @@ impl Writer<'_> {
                 max_attempts: j.max_attempts.unwrap_or(self.opts.default_max_attempts),
                 idempotency_key: j.idempotency_key,
                 run: j.run,
+                depends_on: parents.clone(),
+                on_parent_failure: j.on_parent_failure,
             };
             self.tx
                 .prepare_cached("INSERT OR IGNORE INTO projects (tenant, id) VALUES (?1, ?2)")?
@@ -364,6 +398,19 @@ impl Writer<'_> {
                 kind: EventKind::Enqueued(spec),
             };
             let job = self.record(draft, None)?.expect("enqueue creates a job");
+            for parent in &parents {
+                self.tx
+                    .prepare_cached("INSERT INTO dag_edges (parent, child) VALUES (?1, ?2)")?
+                    .execute(params![parent, id])?;
+                // A parent that already ended takes the new child with it, as it would have.
+                let state: String = self
+                    .tx
+                    .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
+                    .query_row([parent], |r| r.get(0))?;
+                if matches!(state.as_str(), "dead" | "cancelled") {
+                    self.ended.push(*parent);
+                }
+            }
             out.push(Enqueued { job, created: true });
         }
         Ok(out)
@@ -391,6 +438,50 @@ impl Writer<'_> {
         self.record(draft, None)?;
         let line: String = self.tx.query_row("SELECT line FROM history WHERE seq = ?1", [seq as i64], |r| r.get(0))?;
         decode_event(&line)
+    }
+
+    /// Appends throttle records (their `seq` is assigned here).
+    fn throttles(&mut self, records: Vec<orch_core::throttle::ThrottleRecord>) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut seq: i64 = self.tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM throttles", [], |r| r.get(0))?;
+        for mut r in records {
+            seq += 1;
+            r.seq = seq as u64;
+            check_text("throttle reason", &r.reason, 1024)?;
+            let line = orch_core::canonical::to_vec(&r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let line = String::from_utf8(line).expect("canonical JSON is UTF-8");
+            self.tx
+                .prepare_cached("INSERT INTO throttles (seq, tenant, host, at, line) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![seq, r.tenant, r.host, r.at.as_millis(), line])?;
+        }
+        Ok(())
+    }
+
+    /// Cancels the queued children (with `on_parent_failure: cancel`) of every job that ended
+    /// in this transaction, and theirs in turn. Blocked children (the default) stay queued.
+    fn cascade(&mut self) -> Result<(), StoreError> {
+        while let Some(parent) = self.ended.pop() {
+            let docs: Vec<String> = self
+                .tx
+                .prepare_cached(
+                    "SELECT j.doc FROM dag_edges e JOIN jobs j ON j.id = e.child
+                     WHERE e.parent = ?1 AND j.state = 'queued' ORDER BY j.id",
+                )?
+                .query_map([parent], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for doc in docs {
+                let child = decode_job(&doc)?;
+                if child.spec.on_parent_failure != orch_core::ParentFailure::Cancel {
+                    continue;
+                }
+                let reason = Some(format!("parent job {parent} did not succeed"));
+                let draft = self.draft(&child, "orchd", EventKind::Cancelled { reason });
+                self.record(draft, Some(&child))?;
+            }
+        }
+        Ok(())
     }
 
     fn flush_heads(&mut self) -> Result<(), StoreError> {
@@ -449,6 +540,19 @@ fn load_job(c: &Connection, scope: &Scope, id: JobId) -> Result<Job, StoreError>
     }
 }
 
+fn incident_row(r: &rusqlite::Row<'_>) -> Result<Incident, StoreError> {
+    let doc: String = r.get(6)?;
+    Ok(Incident {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        kind: r.get(2)?,
+        key: r.get(3)?,
+        opened_at: orch_core::Timestamp::from_millis(r.get(4)?),
+        closed_at: r.get::<_, Option<i64>>(5)?.map(orch_core::Timestamp::from_millis),
+        details: serde_json::from_str(&doc).map_err(|e| StoreError::Corrupt(format!("incident doc: {e}")))?,
+    })
+}
+
 fn decode_job(doc: &str) -> Result<Job, StoreError> {
     serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(format!("stored job does not decode: {e}")))
 }
@@ -490,7 +594,7 @@ impl Store for SqliteStore {
     }
 
     #[instrument(skip_all, fields(worker = %req.worker, limit = req.limit))]
-    fn claim(&self, req: &ClaimRequest) -> Result<Vec<Allocation>, StoreError> {
+    fn claim_gated(&self, req: &ClaimRequest, gate: &mut dyn ClaimGate) -> Result<Vec<Allocation>, StoreError> {
         check_text("worker id", &req.worker, 256)?;
         if req.worker.is_empty() {
             return Err(StoreError::Invalid("worker id must not be empty".into()));
@@ -501,58 +605,45 @@ impl Store for SqliteStore {
         let limit = req.limit.min(10_000);
         self.write(|w| {
             let lease_ms = w.lease_ms(req.lease_ms)?;
-            // Best `limit` of each queue, merged: each query walks its queue's ready index in order.
-            let mut candidates: Vec<Job> = Vec::new();
-            for queue in &req.queues {
-                let (sql, tenant) = match &req.scope {
-                    Scope::All => (
-                        "SELECT doc FROM jobs WHERE state = 'queued' AND queue = ?1 AND run_after <= ?2
-                         ORDER BY priority DESC, run_after, id LIMIT ?3",
-                        None,
-                    ),
-                    Scope::Tenant(t) => (
-                        "SELECT doc FROM jobs WHERE state = 'queued' AND tenant = ?4 AND queue = ?1
-                         AND run_after <= ?2 ORDER BY priority DESC, run_after, id LIMIT ?3",
-                        Some(t.as_str()),
-                    ),
-                };
-                let mut stmt = w.tx.prepare_cached(sql)?;
-                let mut rows = match tenant {
-                    None => stmt.query(params![queue, w.now.as_millis(), limit as i64])?,
-                    Some(t) => stmt.query(params![queue, w.now.as_millis(), limit as i64, t])?,
-                };
-                while let Some(row) = rows.next()? {
-                    candidates.push(decode_job(row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?)?);
+            let running = if gate.wants_running() { running_counts(w.tx)? } else { Vec::new() };
+            let mut excluded: std::collections::BTreeSet<Exclusion> = gate.begin(w.now, &running).into_iter().collect();
+            let expires = w.now.plus_millis(lease_ms as i64);
+            let mut out = Vec::with_capacity(limit.min(1024));
+            // Rounds: take the best ready jobs not excluded; a refusal excludes its whole class,
+            // and the next round looks past it. Each round ends with a full batch, a queue
+            // exhausted, or a new exclusion, so the rounds are few.
+            loop {
+                let want = limit - out.len();
+                let candidates = ready_jobs(w.tx, req, w.now, &excluded, want)?;
+                let mut refused = false;
+                for job in candidates {
+                    if out.len() == limit {
+                        break;
+                    }
+                    if let Err(x) = gate.admit(&job) {
+                        refused |= excluded.insert(x);
+                        continue;
+                    }
+                    let kind = EventKind::Claimed {
+                        lease_id: new_token(),
+                        worker: req.worker.clone(),
+                        lease_expires_at: expires,
+                        attempt: job.attempt + 1,
+                    };
+                    let draft = w.draft(&job, &req.worker, kind);
+                    let job = w.record(draft, Some(&job))?.expect("claim changes a job");
+                    let retry = RetryHints {
+                        attempts_left: job.spec.max_attempts.saturating_sub(job.attempt),
+                        backoff_ms: w.opts.retry.delay_ms(job.attempt, None, 1.0),
+                        heartbeat_ms: lease_ms / 3,
+                    };
+                    out.push(Allocation { job, retry });
+                }
+                if out.len() == limit || !refused {
+                    break;
                 }
             }
-            if req.queues.len() > 1 {
-                candidates.sort_by(|a, b| {
-                    b.spec
-                        .priority
-                        .cmp(&a.spec.priority)
-                        .then(a.spec.run_after.cmp(&b.spec.run_after))
-                        .then(a.id.cmp(&b.id))
-                });
-                candidates.truncate(limit);
-            }
-            let expires = w.now.plus_millis(lease_ms as i64);
-            let mut out = Vec::with_capacity(candidates.len());
-            for job in candidates {
-                let kind = EventKind::Claimed {
-                    lease_id: new_token(),
-                    worker: req.worker.clone(),
-                    lease_expires_at: expires,
-                    attempt: job.attempt + 1,
-                };
-                let draft = w.draft(&job, &req.worker, kind);
-                let job = w.record(draft, Some(&job))?.expect("claim changes a job");
-                let retry = RetryHints {
-                    attempts_left: job.spec.max_attempts.saturating_sub(job.attempt),
-                    backoff_ms: w.opts.retry.delay_ms(job.attempt, None, 1.0),
-                    heartbeat_ms: lease_ms / 3,
-                };
-                out.push(Allocation { job, retry });
-            }
+            w.throttles(gate.records())?;
             Ok(out)
         })
     }
@@ -894,6 +985,13 @@ impl Store for SqliteStore {
                         params![change.tenant, change.id, doc],
                     )?;
                 }
+                kind => {
+                    w.tx.execute(
+                        "INSERT INTO flow_settings (tenant, kind, id, doc) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (tenant, kind, id) DO UPDATE SET doc = excluded.doc",
+                        params![change.tenant, kind.as_str(), change.id, doc],
+                    )?;
+                }
             }
             let details = serde_json::json!({
                 "id": change.id, "value": change.doc, "reason": change.reason, "ticket": change.ticket,
@@ -902,12 +1000,52 @@ impl Store for SqliteStore {
         })
     }
 
+    #[instrument(skip_all, fields(kind = change.kind.as_str(), id = %change.id))]
+    fn delete_setting(&self, actor: &str, change: SettingChange) -> Result<Event, StoreError> {
+        check_name("tenant", &change.tenant)?;
+        check_name("project", &change.project)?;
+        check_audit_fields(&change.reason, &change.ticket)?;
+        self.write(|w| {
+            let n = match change.kind {
+                SettingKind::Source => w
+                    .tx
+                    .execute("DELETE FROM sources WHERE tenant = ?1 AND id = ?2", params![change.tenant, change.id])?,
+                SettingKind::Quota => w.tx.execute(
+                    "DELETE FROM quotas WHERE tenant = ?1 AND queue = ?2",
+                    params![change.tenant, change.id],
+                )?,
+                kind => w.tx.execute(
+                    "DELETE FROM flow_settings WHERE tenant = ?1 AND kind = ?2 AND id = ?3",
+                    params![change.tenant, kind.as_str(), change.id],
+                )?,
+            };
+            if n == 0 {
+                return Err(StoreError::Missing { what: change.kind.as_str(), id: change.id.clone() });
+            }
+            if change.kind == SettingKind::Schedule {
+                w.tx.execute(
+                    "DELETE FROM schedule_state WHERE tenant = ?1 AND id = ?2",
+                    params![change.tenant, change.id],
+                )?;
+            }
+            let details = serde_json::json!({ "id": change.id, "reason": change.reason, "ticket": change.ticket });
+            w.audit(&change.tenant, &change.project, actor, format!("{}.delete", change.kind.as_str()), details)
+        })
+    }
+
     fn settings(&self, scope: &Scope, kind: SettingKind) -> Result<Vec<Setting>, StoreError> {
-        let sql = match kind {
-            SettingKind::Source => "SELECT tenant, id, config FROM sources WHERE 1 = 1",
-            SettingKind::Quota => "SELECT tenant, queue, doc FROM quotas WHERE 1 = 1",
+        let mut q = match kind {
+            SettingKind::Source => {
+                Query { sql: "SELECT tenant, id, config FROM sources WHERE 1 = 1".into(), args: Vec::new() }
+            }
+            SettingKind::Quota => {
+                Query { sql: "SELECT tenant, queue, doc FROM quotas WHERE 1 = 1".into(), args: Vec::new() }
+            }
+            kind => Query {
+                sql: "SELECT tenant, id, doc FROM flow_settings WHERE kind = ?".into(),
+                args: vec![rusqlite::types::Value::Text(kind.as_str().into())],
+            },
         };
-        let mut q = Query { sql: sql.to_string(), args: Vec::new() };
         q.opt("tenant = ?", scope.tenant().map(String::from));
         q.sql.push_str(" ORDER BY 1, 2");
         self.read(|c| {
@@ -921,6 +1059,234 @@ impl Store for SqliteStore {
                     Ok(Setting { tenant, kind, id, doc })
                 })
                 .collect()
+        })
+    }
+
+    fn record_throttles(&self, records: Vec<orch_core::throttle::ThrottleRecord>) -> Result<(), StoreError> {
+        self.write(|w| w.throttles(records))
+    }
+
+    fn throttles(
+        &self,
+        scope: &Scope,
+        page: PageRequest,
+    ) -> Result<Page<orch_core::throttle::ThrottleRecord>, StoreError> {
+        self.read(|c| {
+            let mut q = Query::new("SELECT seq, line FROM throttles WHERE seq > ?", page.after);
+            q.opt("tenant = ?", scope.tenant().map(String::from));
+            q.page(c, "seq", page.limit, |line| {
+                serde_json::from_str::<orch_core::throttle::ThrottleRecord>(line)
+                    .map_err(|e| StoreError::Corrupt(format!("throttle record: {e}")))
+            })
+        })
+    }
+
+    fn job_by_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
+        self.read(|c| {
+            let doc: Option<String> = c
+                .prepare_cached("SELECT doc FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
+                .query_row(params![tenant, key], |r| r.get(0))
+                .optional()?;
+            doc.map(|d| decode_job(&d)).transpose()
+        })
+    }
+
+    fn queued(&self, tenant: &str, queue: Option<&str>, cap: u64) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let n: i64 = c
+                .prepare_cached(
+                    "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant = ?1 AND state = 'queued'
+                     AND (?2 IS NULL OR queue = ?2) LIMIT ?3)",
+                )?
+                .query_row(params![tenant, queue, cap.min(i64::MAX as u64) as i64], |r| r.get(0))?;
+            Ok(n as u64)
+        })
+    }
+
+    #[instrument(skip_all)]
+    fn retry_dead(
+        &self,
+        scope: &Scope,
+        queue: Option<&str>,
+        actor: &str,
+        reason: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        if let Some(r) = &reason {
+            check_text("reason", r, 1024)?;
+        }
+        self.write(|w| {
+            let docs: Vec<String> =
+                w.tx.prepare_cached(
+                    "SELECT doc FROM jobs WHERE state = 'dead' AND (?1 IS NULL OR tenant = ?1)
+                     AND (?2 IS NULL OR queue = ?2) ORDER BY id LIMIT ?3",
+                )?
+                .query_map(params![scope.tenant(), queue, limit.min(100_000) as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut out = Vec::with_capacity(docs.len());
+            for doc in docs {
+                let job = decode_job(&doc)?;
+                let draft = w.draft(&job, actor, EventKind::Retried { run_after: w.now, reason: reason.clone() });
+                out.push(w.record(draft, Some(&job))?.expect("retry changes a job"));
+            }
+            Ok(out)
+        })
+    }
+
+    fn schedule_fired(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<(orch_core::Timestamp, Option<JobId>)>, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached("SELECT last_fired, last_job FROM schedule_state WHERE tenant = ?1 AND id = ?2")?
+                .query_row(params![tenant, id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?)))
+                .optional()?
+                .map(|(at, job)| (orch_core::Timestamp::from_millis(at), job)))
+        })
+    }
+
+    fn sync_incidents(&self, kinds: &[&str], now: Vec<IncidentSpec>) -> Result<IncidentChanges, StoreError> {
+        for c in &now {
+            check_name("tenant", &c.tenant)?;
+            if !kinds.contains(&c.kind.as_str()) {
+                return Err(StoreError::Invalid(format!("incident kind {:?} is not among {kinds:?}", c.kind)));
+            }
+        }
+        self.write(|w| {
+            let mut out = IncidentChanges::default();
+            let mut open: BTreeMap<(String, String, String), Incident> = BTreeMap::new();
+            {
+                let mut stmt = w.tx.prepare_cached(
+                    "SELECT id, tenant, kind, key, opened_at, closed_at, doc FROM incidents WHERE closed_at IS NULL",
+                )?;
+                let mut rows = stmt.query([])?;
+                while let Some(r) = rows.next()? {
+                    let i = incident_row(r)?;
+                    if kinds.contains(&i.kind.as_str()) {
+                        open.insert((i.tenant.clone(), i.kind.clone(), i.key.clone()), i);
+                    }
+                }
+            }
+            let at = w.now;
+            let mut seen = BTreeSet::new();
+            for c in now {
+                let k = (c.tenant.clone(), c.kind.clone(), c.key.clone());
+                if !seen.insert(k.clone()) || open.remove(&k).is_some() {
+                    continue;
+                }
+                let doc = serde_json::to_string(&c.details).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                w.tx.prepare_cached(
+                    "INSERT INTO incidents (tenant, kind, key, opened_at, doc) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![c.tenant, c.kind, c.key, at.as_millis(), doc])?;
+                let i = Incident {
+                    id: w.tx.last_insert_rowid(),
+                    tenant: c.tenant,
+                    kind: c.kind,
+                    key: c.key,
+                    opened_at: at,
+                    closed_at: None,
+                    details: c.details,
+                };
+                let details = serde_json::json!({"id": i.id, "kind": i.kind, "key": i.key, "details": i.details});
+                w.audit(&i.tenant, "default", "orchd", "incident.opened".into(), details)?;
+                out.opened.push(i);
+            }
+            for (_, mut i) in open {
+                w.tx.prepare_cached("UPDATE incidents SET closed_at = ?1 WHERE id = ?2")?
+                    .execute(params![at.as_millis(), i.id])?;
+                i.closed_at = Some(at);
+                let details = serde_json::json!({"id": i.id, "kind": i.kind, "key": i.key});
+                w.audit(&i.tenant, "default", "orchd", "incident.closed".into(), details)?;
+                out.closed.push(i);
+            }
+            Ok(out)
+        })
+    }
+
+    fn incidents(&self, scope: &Scope, open: Option<bool>, page: PageRequest) -> Result<Page<Incident>, StoreError> {
+        self.read(|c| {
+            let after = if page.after == 0 { i64::MAX } else { page.after };
+            let mut sql =
+                String::from("SELECT id, tenant, kind, key, opened_at, closed_at, doc FROM incidents WHERE id < ?1");
+            let mut args: Vec<rusqlite::types::Value> = vec![after.into()];
+            if let Some(t) = scope.tenant() {
+                sql.push_str(" AND tenant = ?2");
+                args.push(t.to_string().into());
+            }
+            match open {
+                Some(true) => sql.push_str(" AND closed_at IS NULL"),
+                Some(false) => sql.push_str(" AND closed_at IS NOT NULL"),
+                None => {}
+            }
+            let limit = page.limit.clamp(1, 1000);
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
+            let mut stmt = c.prepare(&sql)?;
+            let mut rows = stmt.query(params_from_iter(args.iter()))?;
+            let mut items = Vec::new();
+            while let Some(r) = rows.next()? {
+                items.push(incident_row(r)?);
+            }
+            let more = items.len() > limit;
+            items.truncate(limit);
+            let next_after = if more { items.last().map(|i| i.id) } else { None };
+            Ok(Page { items, next_after })
+        })
+    }
+
+    fn stuck_jobs(
+        &self,
+        quiet_since: orch_core::Timestamp,
+        lease_losses: u32,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        self.read(|c| {
+            let mut out = Vec::new();
+            let mut stmt = c.prepare_cached(
+                "SELECT doc FROM jobs WHERE state = 'running' AND updated_at < ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let mut rows = stmt.query(params![quiet_since.as_millis(), limit as i64])?;
+            while let Some(r) = rows.next()? {
+                out.push(decode_job(r.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?)?);
+            }
+            // The partial index `jobs_lease_lost` holds exactly these rows.
+            let mut stmt = c.prepare_cached(
+                "SELECT doc, (SELECT count(*) FROM history h WHERE h.job_id = jobs.id AND h.type = 'job.lease_expired')
+                 FROM jobs INDEXED BY jobs_lease_lost
+                 WHERE state IN ('queued', 'running') AND json_extract(doc, '$.last_error.class') = 'lease_expired'
+                 ORDER BY tenant, id",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                if out.len() >= limit {
+                    break;
+                }
+                if r.get::<_, i64>(1)? >= i64::from(lease_losses) {
+                    let job = decode_job(r.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?)?;
+                    if !out.iter().any(|j: &Job| j.id == job.id) {
+                        out.push(job);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn set_schedule_fired(
+        &self,
+        tenant: &str,
+        id: &str,
+        at: orch_core::Timestamp,
+        job: Option<JobId>,
+    ) -> Result<(), StoreError> {
+        self.write(|w| {
+            w.tx.execute(
+                "INSERT INTO schedule_state (tenant, id, last_fired, last_job) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (tenant, id) DO UPDATE SET last_fired = excluded.last_fired, last_job = excluded.last_job",
+                params![tenant, id, at.as_millis(), job],
+            )?;
+            Ok(())
         })
     }
 
@@ -1397,6 +1763,78 @@ fn check_audit_fields(reason: &Option<String>, ticket: &Option<String>) -> Resul
         check_text("ticket", t, 256)?;
     }
     Ok(())
+}
+
+/// The best `limit` ready jobs of each of the request's queues, merged in claim order, passing
+/// over excluded classes and jobs whose parents have not all succeeded.
+fn ready_jobs(
+    tx: &rusqlite::Transaction<'_>,
+    req: &ClaimRequest,
+    now: orch_core::Timestamp,
+    excluded: &std::collections::BTreeSet<Exclusion>,
+    limit: usize,
+) -> Result<Vec<Job>, StoreError> {
+    use rusqlite::types::Value as Sql;
+    let mut candidates: Vec<Job> = Vec::new();
+    for queue in &req.queues {
+        let mut sql = String::from("SELECT doc FROM jobs WHERE state = 'queued' AND queue = ? AND run_after <= ?");
+        let mut args: Vec<Sql> = vec![Sql::Text(queue.clone()), Sql::Integer(now.as_millis())];
+        if let Some(t) = req.scope.tenant() {
+            sql.push_str(" AND tenant = ?");
+            args.push(Sql::Text(t.to_string()));
+        }
+        for x in excluded {
+            match x {
+                Exclusion::Tenant(t) => {
+                    sql.push_str(" AND tenant <> ?");
+                    args.push(Sql::Text(t.clone()));
+                }
+                Exclusion::Queue(t, q) if q == queue => {
+                    sql.push_str(" AND tenant <> ?");
+                    args.push(Sql::Text(t.clone()));
+                }
+                Exclusion::Queue(..) => {}
+                Exclusion::Source(t, src) => {
+                    sql.push_str(" AND NOT (tenant = ? AND source IS ?)");
+                    args.extend([Sql::Text(t.clone()), Sql::Text(src.clone())]);
+                }
+            }
+        }
+        sql.push_str(
+            " AND NOT EXISTS (SELECT 1 FROM dag_edges e JOIN jobs p ON p.id = e.parent
+                              WHERE e.child = jobs.id AND p.state <> 'succeeded')
+             ORDER BY priority DESC, run_after, id LIMIT ?",
+        );
+        args.push(Sql::Integer(limit as i64));
+        let mut stmt = tx.prepare_cached(&sql)?;
+        let mut rows = stmt.query(params_from_iter(args.iter()))?;
+        while let Some(row) = rows.next()? {
+            candidates.push(decode_job(row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?)?);
+        }
+    }
+    if req.queues.len() > 1 {
+        candidates.sort_by(|a, b| {
+            b.spec.priority.cmp(&a.spec.priority).then(a.spec.run_after.cmp(&b.spec.run_after)).then(a.id.cmp(&b.id))
+        });
+        candidates.truncate(limit);
+    }
+    Ok(candidates)
+}
+
+/// Jobs running now, by tenant, queue and source.
+fn running_counts(tx: &rusqlite::Transaction<'_>) -> Result<Vec<RunningCount>, StoreError> {
+    let rows = tx
+        .prepare_cached("SELECT tenant, queue, source, count(*) FROM jobs WHERE state = 'running' GROUP BY 1, 2, 3")?
+        .query_map([], |r| {
+            Ok(RunningCount {
+                tenant: r.get(0)?,
+                queue: r.get(1)?,
+                source: r.get(2)?,
+                count: r.get::<_, i64>(3)? as u64,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
 }
 
 fn decode_run(c: &Connection, id: i64, tenant: String, project: String, doc: &str) -> Result<Run, StoreError> {

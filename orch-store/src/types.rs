@@ -59,6 +59,22 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// The run the job belongs to (set by [`Store::start_run`](crate::Store::start_run)).
     pub run: Option<i64>,
+    /// Parents that must succeed first.
+    #[serde(default)]
+    pub depends_on: Vec<Dep>,
+    /// What a dead-lettered or cancelled parent does to the job.
+    #[serde(default)]
+    pub on_parent_failure: orch_core::ParentFailure,
+}
+
+/// A parent of a job being enqueued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dep {
+    /// A job that exists already (same tenant).
+    Job(JobId),
+    /// The job at this index of the same batch, which must come earlier in it.
+    Earlier(usize),
 }
 
 impl NewJob {
@@ -76,6 +92,8 @@ impl NewJob {
             correlation_id: None,
             idempotency_key: None,
             run: None,
+            depends_on: Vec::new(),
+            on_parent_failure: Default::default(),
         }
     }
 }
@@ -352,16 +370,99 @@ pub enum SettingKind {
     Source,
     /// Limits for a job type, or `*` for the whole tenant.
     Quota,
+    /// A token bucket: id `tenant` for the whole tenant, `host:<host>` for a source host.
+    RateLimit,
+    /// Most jobs running at once: id `queue:<type>` or `source:<source>`.
+    Concurrency,
+    /// Nothing is claimed: id `tenant`, `queue:<type>` or `source:<source>`.
+    Pause,
+    /// A window in which nothing (of a queue or source, or at all) is claimed; id: its name.
+    Blackout,
+    /// A cron schedule that enqueues jobs from a template; id: its name.
+    Schedule,
 }
 
 impl SettingKind {
-    /// The name used in audit actions (`source.put`, `quota.put`).
+    /// Every kind.
+    pub const ALL: [SettingKind; 7] = [
+        SettingKind::Source,
+        SettingKind::Quota,
+        SettingKind::RateLimit,
+        SettingKind::Concurrency,
+        SettingKind::Pause,
+        SettingKind::Blackout,
+        SettingKind::Schedule,
+    ];
+
+    /// The name used in audit actions (`source.put`, `pause.delete`).
     pub fn as_str(self) -> &'static str {
         match self {
             SettingKind::Source => "source",
             SettingKind::Quota => "quota",
+            SettingKind::RateLimit => "rate_limit",
+            SettingKind::Concurrency => "concurrency",
+            SettingKind::Pause => "pause",
+            SettingKind::Blackout => "blackout",
+            SettingKind::Schedule => "schedule",
         }
     }
+}
+
+/// Decides, inside a claim's transaction, which ready jobs may be leased (rate limits, quotas,
+/// concurrency, pauses, blackouts, breakers). A refusal names the class of jobs it refuses, so
+/// the claim skips them all and looks further down the queue.
+pub trait ClaimGate {
+    /// Whether [`ClaimGate::begin`] needs the counts of running jobs.
+    fn wants_running(&self) -> bool {
+        false
+    }
+
+    /// Called once per claim, before any job is looked at: what is refused outright.
+    fn begin(&mut self, now: Timestamp, running: &[RunningCount]) -> Vec<Exclusion> {
+        let _ = (now, running);
+        Vec::new()
+    }
+
+    /// Whether `job` may be leased now (and, if so, the gate counts it as leased).
+    fn admit(&mut self, job: &Job) -> Result<(), Exclusion>;
+
+    /// Throttle records to append in the claim's transaction.
+    fn records(&mut self) -> Vec<orch_core::throttle::ThrottleRecord> {
+        Vec::new()
+    }
+}
+
+/// A gate that admits every job.
+pub struct OpenGate;
+
+impl ClaimGate for OpenGate {
+    fn admit(&mut self, _: &Job) -> Result<(), Exclusion> {
+        Ok(())
+    }
+}
+
+/// Jobs running now, by tenant, queue and source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunningCount {
+    /// The tenant.
+    pub tenant: String,
+    /// The job type.
+    pub queue: String,
+    /// The source, if any.
+    pub source: Option<String>,
+    /// How many.
+    pub count: u64,
+}
+
+/// A class of ready jobs a claim must pass over.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Exclusion {
+    /// Every job of a tenant.
+    Tenant(String),
+    /// A tenant's jobs of one type.
+    Queue(String, String),
+    /// A tenant's jobs of one source.
+    Source(String, String),
 }
 
 /// A change of one setting, recorded as an `audit` event in the tenant's history.
@@ -598,4 +699,46 @@ pub struct Delivery {
     pub last_error: Option<String>,
     /// When it last changed.
     pub updated_at: Timestamp,
+}
+
+/// A condition that needs an operator's eyes: a job stuck, a breaker open, a host throttled
+/// for long. At most one incident per (tenant, kind, key) is open at a time.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Incident {
+    /// Its id.
+    pub id: i64,
+    /// The tenant.
+    pub tenant: String,
+    /// `job_stuck`, `breaker_open`, `throttled`.
+    pub kind: String,
+    /// What it is about within its kind (a job, a host, a bucket).
+    pub key: String,
+    /// When it opened.
+    pub opened_at: Timestamp,
+    /// When it closed (the condition cleared), if it has.
+    pub closed_at: Option<Timestamp>,
+    /// What the detector saw when it opened.
+    pub details: Value,
+}
+
+/// A condition that holds now, as a detector reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IncidentSpec {
+    /// The tenant.
+    pub tenant: String,
+    /// The kind.
+    pub kind: String,
+    /// The key within the kind.
+    pub key: String,
+    /// What the detector saw.
+    pub details: Value,
+}
+
+/// What [`crate::Store::sync_incidents`] changed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct IncidentChanges {
+    /// Incidents opened now.
+    pub opened: Vec<Incident>,
+    /// Incidents closed now.
+    pub closed: Vec<Incident>,
 }

@@ -44,6 +44,8 @@ pub struct Settings {
     pub webhooks: crate::hooks::WebhookSettings,
     /// The NATS JetStream publisher.
     pub nats: crate::hooks::NatsSettings,
+    /// Flow control: breakers, backpressure.
+    pub flow: crate::flow::FlowSettings,
     /// The job success objective behind `orch_slo_burn_rate` (e.g. 0.99).
     pub slo_success_objective: f64,
     /// Backoff after failures.
@@ -75,6 +77,7 @@ impl Default for Settings {
             slo_success_objective: 0.99,
             webhooks: crate::hooks::WebhookSettings::default(),
             nats: crate::hooks::NatsSettings::default(),
+            flow: crate::flow::FlowSettings::default(),
             retry: store.retry,
             reaper_interval_ms: 1_000,
             log_format: "text".into(),
@@ -176,6 +179,7 @@ impl Settings {
         if self.reaper_interval_ms == 0 {
             bail!("reaper_interval_ms must be at least 1");
         }
+        self.flow.validate()?;
         self.sync_mode()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!("log_format must be \"text\" or \"json\", not {:?}", self.log_format);

@@ -4,11 +4,14 @@
 pub mod config;
 pub mod demo;
 pub mod events;
+pub mod flow;
 pub mod hooks;
 pub mod http;
 pub mod import;
+pub mod incidents;
 pub mod jwt;
 pub mod metrics;
+pub mod schedules;
 pub mod services;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +35,8 @@ pub struct AppState {
     pub events: events::Hub,
     /// Prometheus metrics.
     pub metrics: Arc<metrics::Metrics>,
+    /// Flow-control rules and live state (buckets, breakers).
+    pub flow: Arc<std::sync::Mutex<flow::FlowControl>>,
     ready: Arc<AtomicBool>,
 }
 
@@ -41,7 +46,12 @@ impl AppState {
         let events =
             events::Hub::new(settings.events.buffer_size, settings.events.retention_ms, settings.events.max_lag);
         let metrics = Arc::new(metrics::Metrics::new(settings.slo_success_objective));
+        let flow = flow::FlowControl::load(settings.flow.clone(), &*store).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "flow-control rules could not be read; retrying in the background");
+            flow::FlowControl::empty(settings.flow.clone())
+        });
         AppState {
+            flow: Arc::new(std::sync::Mutex::new(flow)),
             store,
             clock,
             settings: Arc::new(settings),

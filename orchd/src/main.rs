@@ -77,6 +77,95 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pause claims of a tenant, a job type or a source (audited); a running daemon on the
+    /// same ledger applies it within `flow.reload_ms`.
+    Pause {
+        #[command(flatten)]
+        on: ControlArgs,
+    },
+    /// Resume what `pause` paused (audited).
+    Resume {
+        #[command(flatten)]
+        on: ControlArgs,
+    },
+    /// Lower a rate limit (`--host H`, or the tenant's) for a while (audited).
+    Throttle {
+        /// Ledger file.
+        #[arg(long, default_value = "orchd.db")]
+        db: PathBuf,
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The source host whose rate limit to lower (default: the tenant's own).
+        #[arg(long)]
+        host: Option<String>,
+        /// Tokens per second while the throttle lasts.
+        #[arg(long)]
+        rate: f64,
+        /// How long, e.g. `30m`.
+        #[arg(long = "for")]
+        duration: String,
+        /// Why (recorded in the audit history).
+        #[arg(long)]
+        reason: String,
+        /// The change ticket.
+        #[arg(long)]
+        ticket: Option<String>,
+    },
+    /// Retry a dead-lettered or cancelled job (`--job`), or every dead-lettered job (of `--queue`).
+    Retry {
+        /// Ledger file.
+        #[arg(long, default_value = "orchd.db")]
+        db: PathBuf,
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// One job.
+        #[arg(long, conflicts_with_all = ["queue", "all_dead"])]
+        job: Option<i64>,
+        /// Dead-lettered jobs of this type.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Every dead-lettered job of the tenant.
+        #[arg(long = "all-dead")]
+        all_dead: bool,
+        /// Why (recorded on each job's event).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Cancel a job that has not finished.
+    Cancel {
+        /// Ledger file.
+        #[arg(long, default_value = "orchd.db")]
+        db: PathBuf,
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The job.
+        #[arg(long)]
+        job: i64,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Replay a run: start a new run with the same jobs and dependencies (audited).
+    Replay {
+        /// Ledger file.
+        #[arg(long, default_value = "orchd.db")]
+        db: PathBuf,
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The run.
+        #[arg(long)]
+        run: i64,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+        /// The change ticket.
+        #[arg(long)]
+        ticket: Option<String>,
+    },
     /// Verify a ledger: every event's hash, each tenant's hash chain, and that replaying the
     /// history reproduces the jobs table exactly. Exit 1 if anything is wrong.
     Check {
@@ -87,6 +176,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What an operator control applies to.
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// Ledger file.
+    #[arg(long, default_value = "orchd.db")]
+    db: PathBuf,
+    /// The tenant.
+    #[arg(long)]
+    tenant: String,
+    /// Only this job type.
+    #[arg(long, conflicts_with = "source")]
+    queue: Option<String>,
+    /// Only this source.
+    #[arg(long)]
+    source: Option<String>,
+    /// Why (recorded in the audit history).
+    #[arg(long)]
+    reason: Option<String>,
+    /// The change ticket.
+    #[arg(long)]
+    ticket: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -215,6 +327,69 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Pause { on } => pause(on, false),
+        Command::Resume { on } => pause(on, true),
+        Command::Throttle { db, tenant, host, rate, duration, reason, ticket } => {
+            let store = open_existing(&db)?;
+            let id = host.map_or_else(|| "tenant".to_string(), |h| format!("host:{h}"));
+            let d = humantime::parse_duration(&duration).with_context(|| format!("--for {duration:?}"))?;
+            let current = store
+                .settings(&orch_store::Scope::Tenant(tenant.clone()), orch_store::SettingKind::RateLimit)?
+                .into_iter()
+                .find(|s| s.id == id)
+                .with_context(|| format!("tenant {tenant} has no rate limit {id}: set one before throttling it"))?;
+            let mut doc: orchd::flow::RateLimitDoc = serde_json::from_value(current.doc)?;
+            if !(rate.is_finite() && rate >= 0.001) {
+                anyhow::bail!("--rate must be at least 0.001 tokens per second");
+            }
+            let until = orch_core::Clock::now(&SystemClock).plus_millis(d.as_millis() as i64);
+            doc.throttle = Some(orchd::flow::ThrottleDoc { rate_milli_per_s: (rate * 1000.0).round() as u64, until });
+            let change = orch_store::SettingChange {
+                tenant,
+                project: "default".into(),
+                kind: orch_store::SettingKind::RateLimit,
+                id: id.clone(),
+                doc: serde_json::to_value(doc)?,
+                reason: Some(reason),
+                ticket,
+            };
+            let ev = store.put_setting(&cli_actor(), change)?;
+            println!("throttled {id} to {rate}/s until {until}; audit event {}", ev.seq);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retry { db, tenant, job, queue, all_dead, reason } => {
+            let store = open_existing(&db)?;
+            let scope = orch_store::Scope::Tenant(tenant);
+            match job {
+                Some(id) => match store.retry(&scope, id, &cli_actor(), reason) {
+                    Ok(j) => println!("job {} is {} again", j.id, j.state.as_str()),
+                    Err(e) => return not_found_is_1(e),
+                },
+                None if queue.is_some() || all_dead => {
+                    let jobs = store.retry_dead(&scope, queue.as_deref(), &cli_actor(), reason, 100_000)?;
+                    println!("retried {} dead-lettered jobs", jobs.len());
+                }
+                None => anyhow::bail!("say which: --job ID, --queue TYPE or --all-dead"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { db, tenant, job, reason } => {
+            let store = open_existing(&db)?;
+            match store.cancel(&orch_store::Scope::Tenant(tenant), job, &cli_actor(), reason) {
+                Ok(j) => println!("job {} is {}", j.id, j.state.as_str()),
+                Err(e) => return not_found_is_1(e),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay { db, tenant, run, reason, ticket } => {
+            let store = open_existing(&db)?;
+            let scope = orch_store::Scope::Tenant(tenant);
+            match orchd::http::flow::replay_run(&store, &scope, &cli_actor(), run, reason, ticket) {
+                Ok((new, jobs)) => println!("run {new_id} replays run {run} with {} jobs", jobs.len(), new_id = new.id),
+                Err(e) => return not_found_is_1(e),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Openapi => {
             println!("{}", serde_json::to_string_pretty(&orchd::http::openapi_document())?);
             Ok(ExitCode::SUCCESS)
@@ -242,6 +417,51 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+    }
+}
+
+/// Who a command acts as, in the audit history.
+fn cli_actor() -> String {
+    format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "operator".into()))
+}
+
+/// A job or run that does not exist (in the tenant) is exit 1 with one line; other errors 2.
+fn not_found_is_1(e: orch_store::StoreError) -> anyhow::Result<ExitCode> {
+    match e {
+        orch_store::StoreError::NotFound(_) | orch_store::StoreError::Missing { .. } => {
+            eprintln!("orchd: {e}");
+            Ok(ExitCode::from(1))
+        }
+        e => Err(e.into()),
+    }
+}
+
+/// `orchd pause` and `orchd resume`.
+fn pause(on: ControlArgs, resume: bool) -> anyhow::Result<ExitCode> {
+    let store = open_existing(&on.db)?;
+    let id = match (&on.queue, &on.source) {
+        (Some(q), _) => format!("queue:{q}"),
+        (None, Some(s)) => format!("source:{s}"),
+        (None, None) => "tenant".into(),
+    };
+    let change = orch_store::SettingChange {
+        tenant: on.tenant.clone(),
+        project: "default".into(),
+        kind: orch_store::SettingKind::Pause,
+        id: id.clone(),
+        doc: serde_json::json!({"since": orch_core::Clock::now(&SystemClock)}),
+        reason: on.reason,
+        ticket: on.ticket,
+    };
+    let result =
+        if resume { store.delete_setting(&cli_actor(), change) } else { store.put_setting(&cli_actor(), change) };
+    match result {
+        Ok(ev) => {
+            let what = if resume { "resumed" } else { "paused" };
+            println!("{what} {id} of tenant {}; audit event {}", on.tenant, ev.seq);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => not_found_is_1(e),
     }
 }
 

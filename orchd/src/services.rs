@@ -1,5 +1,5 @@
-//! Background services: the lease reaper and the idempotency-record sweeper (and, as they land,
-//! the scheduler and the breakers).
+//! Background services: the lease reaper, the idempotency-record sweeper, the event tailer, the
+//! webhook and NATS publishers, the scheduler, and the re-reading of flow-control rules.
 //! Each is a task that loops on an interval until the stop signal flips.
 
 use std::time::Duration;
@@ -76,7 +76,35 @@ pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandl
             }
         })
     };
-    let mut tasks = vec![reaper, sweeper, tailer, webhooks];
+    let scheduler = spawn_periodic("scheduler", state.clone(), Duration::from_secs(1), stop.clone(), |st| async move {
+        match crate::schedules::fire_due(&st).await {
+            Ok(f) if f.enqueued > 0 => tracing::info!(enqueued = f.enqueued, skipped = f.skipped, "schedules fired"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "scheduler failed"),
+        }
+    });
+    // Rules changed by `orchd` commands on the same database reach the claim path here.
+    let reload = Duration::from_millis(state.flow.lock().map(|f| f.reload_ms()).unwrap_or(1_000));
+    let flow = spawn_periodic("flow-rules", state.clone(), reload, stop.clone(), |st| async move {
+        if let Err(e) = crate::flow::reload(&st).await {
+            tracing::error!(error = %e, "re-reading flow-control rules failed");
+        }
+    });
+    let check = Duration::from_millis(state.settings.flow.incidents.check_ms);
+    let incidents = spawn_periodic("incidents", state.clone(), check, stop.clone(), |st| async move {
+        match crate::incidents::check(&st).await {
+            Ok(c) => {
+                for i in &c.opened {
+                    tracing::warn!(tenant = %i.tenant, kind = %i.kind, key = %i.key, id = i.id, "incident opened");
+                }
+                for i in &c.closed {
+                    tracing::info!(tenant = %i.tenant, kind = %i.kind, key = %i.key, id = i.id, "incident closed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "checking incidents failed"),
+        }
+    });
+    let mut tasks = vec![reaper, sweeper, tailer, webhooks, scheduler, flow, incidents];
     if let Some(url) = state.settings.nats.url.clone() {
         tasks.push(spawn_nats(state.clone(), url, site_id, outbox, stop));
     }

@@ -35,7 +35,8 @@ fn the_console_shows_a_job_succeed_live() {
     let db = dir.path().join("orchd.db");
     let viewer = token(&db, "*", "orch:read,orch:operate");
     let worker = token(&db, "acme", "orch:work");
-    let daemon = Daemon::start_env(&db, &[], &[("ORCHD_EVENTS__POLL_MS", "20")]);
+    let env = [("ORCHD_EVENTS__POLL_MS", "20"), ("ORCHD_FLOW__INCIDENTS__CHECK_MS", "200")];
+    let daemon = Daemon::start_env(&db, &[], &env);
     let w = Client::new(&daemon.url, Some(&worker));
     let id = w.post("/api/v1/jobs", &json!({"queue": "ingest", "payload": {"url": "https://example.test"}})).json
         ["job"]["id"]
@@ -66,6 +67,27 @@ fn the_console_shows_a_job_succeed_live() {
         .expect("the job shows as succeeded");
     assert_eq!(string(&tab, "window.__orchPageId"), page, "the page was not reloaded");
     assert_eq!(string(&tab, r##"document.querySelector("#status").textContent"##), "live");
+
+    // Flow control: a host failing with 503s trips its breaker; the console shows the breaker
+    // open and the incident it opened.
+    let admin = Client::new(&daemon.url, Some(&token(&db, "acme", "orch:admin,orch:work")));
+    assert_eq!(admin.put("/api/v1/sources/nvd", &json!({"host": "services.nvd.nist.gov"})).status, 200);
+    for _ in 0..10 {
+        w.post("/api/v1/jobs", &json!({"queue": "ingest", "source": "nvd"}));
+        let r = w.post("/api/v1/claims", &json!({"worker_id": "w-1", "queues": ["ingest"], "limit": 1}));
+        let a = &r.json["allocations"][0];
+        let body =
+            json!({"lease_id": a["lease_id"], "error_class": "http_503", "message": "HTTP 503", "retryable": false});
+        assert_eq!(w.post(&format!("/api/v1/jobs/{}/fail", a["job"]["id"]), &body).status, 200);
+    }
+    tab.wait_for_element_with_custom_timeout("#breakers .state.dead", Duration::from_secs(20))
+        .expect("the breaker shows as open");
+    let incidents = tab
+        .wait_for_element_with_custom_timeout("#incidents tbody tr", Duration::from_secs(20))
+        .expect("the incident shows")
+        .get_inner_text()
+        .unwrap();
+    assert!(incidents.contains("breaker_open") && incidents.contains("host:services.nvd.nist.gov"), "{incidents}");
 
     let png = tab.capture_screenshot(CaptureScreenshotFormatOption::Png, None, None, true).unwrap();
     assert!(png.starts_with(b"\x89PNG"));

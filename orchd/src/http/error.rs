@@ -99,7 +99,12 @@ impl IntoResponse for ApiError {
                 request_id: String::new(),
             },
         };
+        let retry_after = body.error.details.get("retry_after_s").and_then(Value::as_u64);
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = retry_after {
+            // Backpressure and rate limits say when to come back.
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        }
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body stays unread, so the connection cannot carry another
             // request: say so, or a client reusing it from its pool sees a reset.

@@ -53,6 +53,13 @@ pub struct EnqueueRequest {
     /// Enqueueing the same key twice in a tenant returns the first job.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Jobs that must succeed before this one may be claimed.
+    #[serde(default)]
+    pub depends_on: Vec<JobId>,
+    /// What a dead-lettered or cancelled parent does to this job: `block` (default) or `cancel`.
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub on_parent_failure: orch_core::ParentFailure,
 }
 
 impl EnqueueRequest {
@@ -69,6 +76,8 @@ impl EnqueueRequest {
             correlation_id: self.correlation_id,
             idempotency_key: self.idempotency_key,
             run: None,
+            depends_on: self.depends_on.into_iter().map(orch_store::Dep::Job).collect(),
+            on_parent_failure: self.on_parent_failure,
         }
     }
 }
@@ -330,7 +339,9 @@ pub async fn enqueue(
     ApiJson(body): ApiJson<EnqueueRequest>,
 ) -> Result<Response, ApiError> {
     p.require(&[WORK, OPERATE])?;
-    let job = body.into_new_job(&p.write_tenant()?);
+    let tenant = p.write_tenant()?;
+    let job = body.into_new_job(&tenant);
+    super::flow::check_backpressure(&st, &tenant, std::slice::from_ref(&job)).await?;
     let actor = p.actor.clone();
     let mut out = st.blocking(move |s| s.enqueue(&actor, vec![job])).await?;
     let e = out.pop().ok_or_else(|| ApiError::internal("enqueue returned nothing"))?;
@@ -353,7 +364,8 @@ pub async fn enqueue_batch(
         return Err(ApiError::invalid("a batch holds 1 to 1000 jobs"));
     }
     let tenant = p.write_tenant()?;
-    let jobs = body.jobs.into_iter().map(|j| j.into_new_job(&tenant)).collect();
+    let jobs: Vec<NewJob> = body.jobs.into_iter().map(|j| j.into_new_job(&tenant)).collect();
+    super::flow::check_backpressure(&st, &tenant, &jobs).await?;
     let actor = p.actor.clone();
     let out = st.blocking(move |s| s.enqueue(&actor, jobs)).await?;
     Ok(Json(EnqueuedBatchOut {
@@ -382,7 +394,7 @@ pub async fn claim(
         limit,
         lease_ms: body.lease_seconds.map(|s| s.saturating_mul(1000)),
     };
-    let allocs = st.blocking(move |s| s.claim(&req)).await?;
+    let allocs = crate::flow::claim(&st, req).await?;
     let allocations = allocs
         .into_iter()
         .filter_map(|a| {
@@ -455,6 +467,7 @@ pub async fn ack(
     let scope = p.scope();
     let ack = Ack { lease_id: body.lease_id, artifacts: artifacts(body.artifacts)? };
     let job = st.blocking(move |s| s.ack(&scope, id, ack)).await?;
+    crate::flow::observe(&st, &job, crate::flow::Outcome::Succeeded).await;
     Ok(Json(JobOut { job }))
 }
 
@@ -479,6 +492,9 @@ pub async fn ack_batch(
     let results = st
         .blocking(move |s| Ok(acks.into_iter().map(|(id, a)| (id, s.ack(&scope, id, a))).collect::<Vec<_>>()))
         .await?;
+    for job in results.iter().filter_map(|(_, r)| r.as_ref().ok()) {
+        crate::flow::observe(&st, job, crate::flow::Outcome::Succeeded).await;
+    }
     let items = results
         .into_iter()
         .map(|(job_id, r)| match r {
@@ -518,7 +534,10 @@ pub async fn fail(
         retryable: body.retryable,
         retry_after_ms: body.retry_after_seconds.map(|s| s.saturating_mul(1000)),
     };
+    let (class, message, retry_after_ms) = (f.class.clone(), f.message.clone(), f.retry_after_ms);
     let job = st.blocking(move |s| s.fail(&scope, id, f)).await?;
+    let outcome = crate::flow::Outcome::Failed { class: &class, message: &message, retry_after_ms };
+    crate::flow::observe(&st, &job, outcome).await;
     Ok(Json(JobOut { job }))
 }
 

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod flow;
 pub mod hooks;
 pub mod idempotency;
 pub mod jobs;
@@ -60,7 +61,6 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::artifact))
         .routes(routes!(jobs::stats))
         .routes(routes!(ops::history))
-        .routes(routes!(ops::runs))
         .routes(routes!(ops::run))
         .routes(routes!(ops::sources))
         .routes(routes!(ops::source, ops::put_source))
@@ -77,6 +77,20 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(hooks::delete))
         .routes(routes!(hooks::deliveries))
         .routes(routes!(hooks::redeliver))
+        .routes(routes!(flow::state))
+        .routes(routes!(flow::throttles))
+        .routes(routes!(flow::incidents))
+        .routes(routes!(flow::put_rate_limit))
+        .routes(routes!(flow::throttle))
+        .routes(routes!(flow::put_concurrency))
+        .routes(routes!(flow::pause, flow::resume))
+        .routes(routes!(flow::put_blackout))
+        .routes(routes!(flow::put_schedule))
+        .routes(routes!(flow::list))
+        .routes(routes!(flow::delete_setting))
+        .routes(routes!(flow::retry_dead))
+        .routes(routes!(flow::start_run, ops::runs))
+        .routes(routes!(flow::replay))
         .routes(routes!(legacy::job))
         .routes(routes!(legacy::summary))
         .split_for_parts()

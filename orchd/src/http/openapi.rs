@@ -35,6 +35,7 @@ use utoipa::Modify;
         (name = "sources", description = "Upstream feeds"),
         (name = "quotas", description = "Per-tenant limits (audited)"),
         (name = "backfills", description = "Event-time backfills (audited)"),
+        (name = "flow", description = "Flow control: rate limits, throttles, concurrency, pauses, blackouts, schedules, breakers"),
         (name = "events", description = "Live event streams and failure clusters"),
         (name = "webhooks", description = "Signed webhooks: subscriptions, delivery log, redelivery"),
         (name = "imports", description = "Offline Kit: bundles from other sites"),

@@ -204,7 +204,11 @@ pub struct ChangeOut {
     pub audit: Event,
 }
 
-async fn list_settings(st: &AppState, p: &Principal, kind: SettingKind) -> Result<Json<SettingList>, ApiError> {
+pub(super) async fn list_settings(
+    st: &AppState,
+    p: &Principal,
+    kind: SettingKind,
+) -> Result<Json<SettingList>, ApiError> {
     p.require(&[READ])?;
     let scope = p.scope();
     let items = st.blocking(move |s| s.settings(&scope, kind)).await?;
@@ -213,11 +217,25 @@ async fn list_settings(st: &AppState, p: &Principal, kind: SettingKind) -> Resul
     }))
 }
 
-async fn put_setting(st: &AppState, p: &Principal, change: SettingChange) -> Result<Response, ApiError> {
+/// Applies an audited setting change (`delete`: removes it) and has flow control re-read its
+/// rules before answering, so the change holds for the next claim.
+pub(super) async fn change_setting(
+    st: &AppState,
+    p: &Principal,
+    change: SettingChange,
+    delete: bool,
+) -> Result<Response, ApiError> {
     let setting = SettingOut { tenant: change.tenant.clone(), id: change.id.clone(), value: change.doc.clone() };
     let actor = p.actor.clone();
-    let audit = st.blocking(move |s| s.put_setting(&actor, change)).await?;
+    let audit = st
+        .blocking(move |s| if delete { s.delete_setting(&actor, change) } else { s.put_setting(&actor, change) })
+        .await?;
+    crate::flow::reload(st).await?;
     Ok((StatusCode::OK, Json(ChangeOut { setting, audit })).into_response())
+}
+
+async fn put_setting(st: &AppState, p: &Principal, change: SettingChange) -> Result<Response, ApiError> {
+    change_setting(st, p, change, false).await
 }
 
 #[utoipa::path(get, path = "/api/v1/sources", tag = "sources",
@@ -290,7 +308,10 @@ pub struct QuotaBody {
 }
 
 /// 422 unless both `reason` and `ticket` are present and non-empty.
-fn require_reason_ticket(reason: &Option<String>, ticket: &Option<String>) -> Result<(String, String), ApiError> {
+pub(super) fn require_reason_ticket(
+    reason: &Option<String>,
+    ticket: &Option<String>,
+) -> Result<(String, String), ApiError> {
     let present = |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
     match (present(reason), present(ticket)) {
         (Some(r), Some(t)) => Ok((r, t)),
@@ -376,6 +397,9 @@ pub struct BackfillBody {
     /// Only show the plan.
     #[serde(default)]
     pub dry_run: bool,
+    /// Enqueue windows whose job already succeeded again (default: they are skipped).
+    #[serde(default)]
+    pub rerun_complete: bool,
     /// Why (required).
     #[serde(default)]
     pub reason: Option<String>,
@@ -393,6 +417,12 @@ pub struct Window {
     /// Exclusive end.
     #[schema(value_type = String, format = DateTime)]
     pub end: Timestamp,
+    /// `new` (a job is made), `pending` (an earlier backfill's job has not succeeded yet: left
+    /// alone), `complete` (its job succeeded: skipped unless `rerun_complete`), or `rerun`.
+    pub status: String,
+    /// The window's job, when one exists already.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<i64>,
 }
 
 /// What a backfill did (or, for a dry run, would do).
@@ -404,8 +434,13 @@ pub struct BackfillOut {
     pub windows: Vec<Window>,
     /// Jobs made now (0 for a dry run).
     pub enqueued: usize,
-    /// Windows whose job already existed, made by an earlier backfill (0 for a dry run).
+    /// Windows left as they are because an earlier backfill's job covers them (complete or
+    /// pending).
     pub existing: usize,
+    /// The source's watermark for this job type: the end of the latest window such that it and
+    /// every window before it (from `from`) succeeded.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub watermark: Option<Timestamp>,
 }
 
 /// The most windows one backfill may make.
@@ -435,46 +470,63 @@ pub async fn backfill(
     if b.payload.as_ref().is_some_and(|v| !v.is_object()) {
         return Err(ApiError::invalid("payload must be a JSON object").with_details(json!({"field": "payload"})));
     }
-    let windows: Vec<Window> = (0..span.div_ceil(step))
+    let tenant = p.write_tenant()?;
+    let source_key = b.source.clone().unwrap_or_else(|| "-".into());
+    let spans: Vec<(Timestamp, Timestamp)> = (0..span.div_ceil(step))
         .map(|i| {
             let start = b.from.plus_millis((i * step) as i64);
-            let end = start.plus_millis(step as i64).min(b.to);
-            Window { start, end }
+            (start, start.plus_millis(step as i64).min(b.to))
         })
         .collect();
-    if b.dry_run {
-        return Ok(Json(BackfillOut { run: None, windows, enqueued: 0, existing: 0 }).into_response());
-    }
-    let tenant = p.write_tenant()?;
-    let project = b.project.unwrap_or_else(|| "default".into());
-    let source_key = b.source.clone().unwrap_or_else(|| "-".into());
-    let jobs = windows
-        .iter()
-        .map(|w| {
+    // A window's job is found by its key; a window is complete when that job succeeded.
+    let key = |(start, end): (Timestamp, Timestamp)| format!("backfill:{}:{source_key}:{start}:{end}", b.queue);
+    let keys: Vec<String> = spans.iter().map(|w| key(*w)).collect();
+    let t = tenant.clone();
+    let found: Vec<Option<orch_core::Job>> =
+        st.blocking(move |s| keys.iter().map(|k| s.job_by_key(&t, k)).collect()).await?;
+    let now = st.clock.now();
+    let mut watermark = None;
+    let mut leading = true;
+    let mut windows = Vec::with_capacity(spans.len());
+    let mut jobs = Vec::new();
+    for ((start, end), job) in spans.into_iter().zip(found) {
+        let done = job.as_ref().is_some_and(|j| j.state == orch_core::JobState::Succeeded);
+        leading &= done;
+        if leading {
+            watermark = Some(end);
+        }
+        let status = match (&job, done) {
+            (None, _) => "new",
+            (Some(_), true) if b.rerun_complete => "rerun",
+            (Some(_), true) => "complete",
+            (Some(_), false) => "pending",
+        };
+        if matches!(status, "new" | "rerun") {
             let mut payload = b.payload.clone().unwrap_or_else(|| json!({}));
-            payload["window_start"] = json!(w.start);
-            payload["window_end"] = json!(w.end);
-            NewJob {
-                tenant: tenant.clone(),
-                project: project.clone(),
-                queue: b.queue.clone(),
+            payload["window_start"] = json!(start);
+            payload["window_end"] = json!(end);
+            let k = key((start, end));
+            let k = if status == "rerun" { format!("{k}:rerun:{}", now.as_millis()) } else { k };
+            jobs.push(NewJob {
                 source: b.source.clone(),
-                payload,
                 priority: b.priority,
-                run_after: None,
-                max_attempts: None,
-                correlation_id: None,
-                idempotency_key: Some(format!("backfill:{}:{source_key}:{}:{}", b.queue, w.start, w.end)),
-                run: None,
-            }
-        })
-        .collect();
+                idempotency_key: Some(k),
+                ..NewJob::new(&tenant, b.project.as_deref().unwrap_or("default"), &b.queue, payload)
+            });
+        }
+        windows.push(Window { start, end, status: status.into(), job: job.map(|j| j.id) });
+    }
+    let existing = windows.iter().filter(|w| matches!(w.status.as_str(), "complete" | "pending")).count();
+    if b.dry_run {
+        return Ok(Json(BackfillOut { run: None, windows, enqueued: 0, existing, watermark }).into_response());
+    }
     let run = NewRun {
         tenant,
-        project,
+        project: b.project.unwrap_or_else(|| "default".into()),
         kind: "backfill".into(),
         params: json!({
             "queue": b.queue, "source": b.source, "from": b.from, "to": b.to, "window_seconds": b.window_seconds,
+            "rerun_complete": b.rerun_complete,
         }),
         reason: Some(reason),
         ticket: Some(ticket),
@@ -482,7 +534,7 @@ pub async fn backfill(
     let actor = p.actor.clone();
     let (run, enqueued) = st.blocking(move |s| s.start_run(&actor, run, jobs)).await?;
     let made = enqueued.iter().filter(|e| e.created).count();
-    let out = BackfillOut { run: Some(run.into()), windows, enqueued: made, existing: enqueued.len() - made };
+    let out = BackfillOut { run: Some(run.into()), windows, enqueued: made, existing, watermark };
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
