@@ -523,6 +523,205 @@ pub fn replay_reproduces_jobs(h: Harness, ops: Vec<Op>) {
     assert_ledger_ok(&h);
 }
 
+fn fail_dead(h: &Harness, tenant: &str, a: &Allocation) -> orch_core::Job {
+    let lease_id = a.job.lease.as_ref().unwrap().id.clone();
+    let f = Failure {
+        lease_id,
+        class: "parse_error".into(),
+        message: "bad".into(),
+        retryable: false,
+        retry_after_ms: None,
+    };
+    h.store.fail(&t(tenant), a.job.id, f).unwrap()
+}
+
+fn ack(h: &Harness, tenant: &str, a: &Allocation) {
+    let lease_id = a.job.lease.as_ref().unwrap().id.clone();
+    h.store.ack(&t(tenant), a.job.id, Ack { lease_id, artifacts: vec![] }).unwrap();
+}
+
+/// DAG dependencies: a job is claimable once all its parents succeeded; a dead parent
+/// blocks its descendants or (by policy) cancels them, transitively, in the same
+/// transaction; parents of another tenant are refused.
+pub fn dag_dependencies(h: Harness) {
+    let new = |queue: &str, deps: Vec<Dep>, policy: orch_core::ParentFailure| NewJob {
+        depends_on: deps,
+        on_parent_failure: policy,
+        max_attempts: Some(1),
+        ..NewJob::new("acme", "p", queue, json!({}))
+    };
+    use orch_core::ParentFailure::{Block, Cancel};
+    // root → a, b → join (a diamond), all in one batch.
+    let jobs = h
+        .store
+        .enqueue(
+            "test",
+            vec![
+                new("dag", vec![], Block),
+                new("dag", vec![Dep::Earlier(0)], Block),
+                new("dag", vec![Dep::Earlier(0)], Block),
+                new("dag", vec![Dep::Earlier(1), Dep::Earlier(2)], Block),
+            ],
+        )
+        .unwrap();
+    let ids: Vec<JobId> = jobs.iter().map(|e| e.job.id).collect();
+    assert_eq!(jobs[3].job.spec.depends_on, vec![ids[1], ids[2]]);
+    let mut order = Vec::new();
+    loop {
+        let got = claim(&h, "acme", "dag", 10);
+        if got.is_empty() {
+            break;
+        }
+        let mut wave: Vec<JobId> = got.iter().map(|a| a.job.id).collect();
+        wave.sort();
+        order.push(wave);
+        for a in &got {
+            ack(&h, "acme", a);
+        }
+    }
+    assert_eq!(order, vec![vec![ids[0]], vec![ids[1], ids[2]], vec![ids[3]]]);
+
+    // Block: a dead parent leaves its child queued and unclaimable.
+    let parent = enqueue_one(&h, "acme", "p1");
+    let child = h.store.enqueue("test", vec![new("c1", vec![Dep::Job(parent.id)], Block)]).unwrap().remove(0).job;
+    let a = claim(&h, "acme", "p1", 1);
+    assert_eq!(fail_dead(&h, "acme", &a[0]).state, JobState::Dead);
+    assert!(claim(&h, "acme", "c1", 1).is_empty());
+    assert_eq!(h.store.job(&t("acme"), child.id).unwrap().state, JobState::Queued);
+
+    // Cancel: a dead parent cancels children and grandchildren.
+    let parent = enqueue_one(&h, "acme", "p2");
+    let kids = h
+        .store
+        .enqueue("test", vec![new("c2", vec![Dep::Job(parent.id)], Cancel), new("c2", vec![Dep::Earlier(0)], Cancel)])
+        .unwrap();
+    let a = claim(&h, "acme", "p2", 1);
+    fail_dead(&h, "acme", &a[0]);
+    for k in &kids {
+        assert_eq!(h.store.job(&t("acme"), k.job.id).unwrap().state, JobState::Cancelled);
+    }
+    // A child enqueued after its parent died (with policy cancel) is cancelled at once.
+    let late = h.store.enqueue("test", vec![new("c2", vec![Dep::Job(parent.id)], Cancel)]).unwrap();
+    assert_eq!(h.store.job(&t("acme"), late[0].job.id).unwrap().state, JobState::Cancelled);
+
+    // Another tenant's job, or none, as a parent: refused, nothing written.
+    let theirs = enqueue_one(&h, "globex", "q");
+    let before = h.store.jobs(&t("acme"), &JobFilter::default(), PageRequest { after: 0, limit: 1000 }).unwrap();
+    for dep in [Dep::Job(theirs.id), Dep::Job(999_999), Dep::Earlier(5)] {
+        let err = h.store.enqueue("test", vec![enqueue_new("acme", dep)]).unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    }
+    let after = h.store.jobs(&t("acme"), &JobFilter::default(), PageRequest { after: 0, limit: 1000 }).unwrap();
+    assert_eq!(before.items.len(), after.items.len());
+    assert_ledger_ok(&h);
+}
+
+fn enqueue_new(tenant: &str, dep: Dep) -> NewJob {
+    NewJob { depends_on: vec![dep], ..NewJob::new(tenant, "p", "q", json!({})) }
+}
+
+/// A claim gate's exclusions and refusals are honoured, and its records are written with
+/// the claim.
+pub fn claim_gate(h: Harness) {
+    struct Gate(Vec<JobId>);
+    impl ClaimGate for Gate {
+        fn begin(&mut self, _: Timestamp, _: &[RunningCount]) -> Vec<Exclusion> {
+            vec![Exclusion::Queue("acme".into(), "paused".into())]
+        }
+        fn admit(&mut self, job: &orch_core::Job) -> Result<(), Exclusion> {
+            if self.0.len() >= 2 {
+                return Err(Exclusion::Tenant(job.tenant.clone()));
+            }
+            self.0.push(job.id);
+            Ok(())
+        }
+        fn records(&mut self) -> Vec<orch_core::throttle::ThrottleRecord> {
+            vec![orch_core::throttle::ThrottleRecord {
+                seq: 0,
+                at: T0,
+                tenant: "acme".into(),
+                host: None,
+                action: "denied".into(),
+                tokens_milli: 0,
+                refill_milli_per_s: 1000,
+                reason: "test".into(),
+                details: json!({}),
+            }]
+        }
+    }
+    let paused = enqueue_one(&h, "acme", "paused");
+    for _ in 0..3 {
+        enqueue_one(&h, "acme", "open");
+    }
+    let req = |queues: Vec<&str>| ClaimRequest {
+        scope: t("acme"),
+        queues: queues.into_iter().map(String::from).collect(),
+        worker: "w1".into(),
+        limit: 10,
+        lease_ms: None,
+    };
+    let mut gate = Gate(Vec::new());
+    let got = h.store.claim_gated(&req(vec!["paused", "open"]), &mut gate).unwrap();
+    assert_eq!(got.len(), 2, "two admitted, the paused queue skipped");
+    assert!(got.iter().all(|a| a.job.spec.queue == "open"));
+    assert_eq!(h.store.job(&t("acme"), paused.id).unwrap().state, JobState::Queued);
+    let throttles = h.store.throttles(&t("acme"), PageRequest { after: 0, limit: 10 }).unwrap();
+    assert_eq!(throttles.items.len(), 1);
+    assert_eq!(throttles.items[0].seq, 1);
+    assert!(h.store.throttles(&t("globex"), PageRequest { after: 0, limit: 10 }).unwrap().items.is_empty());
+    // An open gate takes what is left.
+    assert_eq!(h.store.claim(&req(vec!["paused", "open"])).unwrap().len(), 2);
+    assert_ledger_ok(&h);
+}
+
+/// Incidents open once per condition, close when it clears, and are audited and scoped.
+pub fn incidents_reconcile(h: Harness) {
+    let spec = |tenant: &str, kind: &str, key: &str| IncidentSpec {
+        tenant: tenant.into(),
+        kind: kind.into(),
+        key: key.into(),
+        details: json!({"seen": key}),
+    };
+    let kinds = ["breaker_open", "job_stuck"];
+    let c = h
+        .store
+        .sync_incidents(&kinds, vec![spec("acme", "breaker_open", "host:a"), spec("globex", "job_stuck", "job:1")])
+        .unwrap();
+    assert_eq!((c.opened.len(), c.closed.len()), (2, 0));
+    let again = h.store.sync_incidents(&kinds, vec![spec("acme", "breaker_open", "host:a")]).unwrap();
+    assert_eq!((again.opened.len(), again.closed.len()), (0, 1), "still open: not reopened; globex's cleared");
+    assert_eq!(again.closed[0].tenant, "globex");
+    assert!(h.store.sync_incidents(&kinds, vec![spec("acme", "other", "x")]).is_err(), "unknown kind");
+    h.clock.advance(Duration::from_secs(5));
+    // A condition that clears and comes back is a new incident.
+    h.store.sync_incidents(&kinds, vec![]).unwrap();
+    let c = h.store.sync_incidents(&kinds, vec![spec("acme", "breaker_open", "host:a")]).unwrap();
+    assert_eq!(c.opened.len(), 1);
+    let page = PageRequest { after: 0, limit: 10 };
+    let acme = h.store.incidents(&t("acme"), None, page).unwrap().items;
+    assert_eq!(acme.len(), 2);
+    assert!(acme[0].id > acme[1].id, "newest first");
+    assert_eq!(acme[0].closed_at, None);
+    assert_eq!(acme[1].closed_at, Some(T0.plus_millis(5_000)));
+    assert_eq!(acme[1].details, json!({"seen": "host:a"}));
+    assert_eq!(h.store.incidents(&t("acme"), Some(true), page).unwrap().items.len(), 1);
+    assert_eq!(h.store.incidents(&t("globex"), Some(false), page).unwrap().items.len(), 1);
+    assert!(h.store.incidents(&Scope::All, None, PageRequest { after: 0, limit: 2 }).unwrap().next_after.is_some());
+    let audit =
+        h.store.history(&t("acme"), &HistoryFilter { event_type: Some("audit".into()), ..Default::default() }, page);
+    let actions: Vec<String> = audit
+        .unwrap()
+        .items
+        .iter()
+        .map(|e| match &e.event {
+            orch_core::EventKind::Audit { action, .. } => action.clone(),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(actions, ["incident.opened", "incident.closed", "incident.opened"]);
+    assert_ledger_ok(&h);
+}
+
 /// Expands to one `#[test]` per conformance case for a backend, given an [`Opener`] expression.
 #[macro_export]
 macro_rules! store_conformance {
@@ -530,7 +729,8 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@cases $open;
             enqueue_claim_heartbeat_ack, fail_retry_dead_letter, lease_expiry_reclaim,
             idempotent_enqueue, stale_lease_rejected, claim_order_and_run_after,
-            tenant_isolation, bad_input_changes_nothing, cancel_and_conflicts, pagination);
+            tenant_isolation, bad_input_changes_nothing, cancel_and_conflicts, pagination,
+            dag_dependencies, claim_gate, incidents_reconcile);
 
         proptest::proptest! {
             #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
