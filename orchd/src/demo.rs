@@ -1,10 +1,12 @@
 //! The demo workload behind `orchd serve --demo`: a trickle of jobs for two tenants and an
 //! in-process worker that runs them (one in five fails its first attempt with an upstream 429),
-//! so that a newcomer sees jobs move through the ledger in the logs and over the API.
+//! so that a newcomer sees jobs move through the ledger in the logs and over the API. The
+//! worker claims through flow control, and tenant `acme` has a rate limit on the upstream host,
+//! so the console also shows a bucket whose refill drops on 429s and recovers.
 
 use std::time::Duration;
 
-use orch_store::{Ack, ArtifactInput, ClaimRequest, Failure, Heartbeat, NewJob, Scope};
+use orch_store::{Ack, ArtifactInput, ClaimRequest, Failure, Heartbeat, NewJob, Scope, SettingChange, SettingKind};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -13,6 +15,7 @@ use crate::AppState;
 
 const QUEUES: [&str; 2] = ["ingest.nvd", "analyze"];
 const TENANTS: [&str; 2] = ["acme", "globex"];
+const HOST: &str = "services.nvd.nist.gov";
 
 /// Makes a read-only site token for this demo and says on stderr how to use it.
 fn announce_token(state: &AppState) {
@@ -36,9 +39,35 @@ fn announce_token(state: &AppState) {
     }
 }
 
+/// Gives `acme` a rate limit on the demo's upstream host, unless it has one.
+fn set_rate_limit(state: &AppState) {
+    let id = format!("host:{HOST}");
+    let scope = Scope::Tenant("acme".into());
+    let exists = state.store.settings(&scope, SettingKind::RateLimit).map(|s| s.iter().any(|r| r.id == id));
+    if !matches!(exists, Ok(false)) {
+        return;
+    }
+    let doc = crate::flow::RateLimitDoc { bucket: orch_core::flow::BucketConfig::new(8, 12_000), throttle: None };
+    let change = SettingChange {
+        tenant: "acme".into(),
+        project: "demo".into(),
+        kind: SettingKind::RateLimit,
+        id,
+        doc: serde_json::to_value(doc).unwrap_or_default(),
+        reason: Some("demo: NVD asks for a few requests per second".into()),
+        ticket: None,
+    };
+    if let Err(e) =
+        state.store.put_setting("demo", change).and_then(|_| crate::flow::lock(&state.flow).reload(&*state.store))
+    {
+        tracing::error!(error = %e, "could not set the demo rate limit");
+    }
+}
+
 /// Starts the demo producer and worker.
 pub fn spawn(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     announce_token(state);
+    set_rate_limit(state);
     let producer = {
         let mut n = 0u64;
         crate::services::spawn_periodic(
@@ -55,7 +84,7 @@ pub fn spawn(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()
                             let tenant = TENANTS[(i % 2) as usize];
                             let queue = QUEUES[((i / 2) % 2) as usize];
                             let mut j = NewJob::new(tenant, "demo", queue, json!({"batch": batch, "item": i}));
-                            j.source = Some("services.nvd.nist.gov".into());
+                            j.source = Some(HOST.into());
                             j.max_attempts = Some(3);
                             j.idempotency_key = Some(format!("demo-{batch}-{i}"));
                             j
@@ -91,7 +120,7 @@ async fn work_once(st: &AppState) -> Result<(), orch_store::StoreError> {
         limit: 4,
         lease_ms: Some(10_000),
     };
-    let allocations = st.blocking(move |s| s.claim(&req)).await?;
+    let allocations = crate::flow::claim(st, req).await?;
     for a in allocations {
         let job = a.job;
         let lease_id = job.lease.clone().map(|l| l.id).unwrap_or_default();
@@ -107,9 +136,12 @@ async fn work_once(st: &AppState) -> Result<(), orch_store::StoreError> {
                 class: "http_429".into(),
                 message: "upstream answered 429 Too Many Requests".into(),
                 retryable: true,
-                retry_after_ms: Some(2_000),
+                retry_after_ms: Some(500),
             };
+            let (class, message) = (f.class.clone(), f.message.clone());
             let after = st.blocking(move |s| s.fail(&scope, job.id, f)).await?;
+            let outcome = crate::flow::Outcome::Failed { class: &class, message: &message, retry_after_ms: Some(500) };
+            crate::flow::observe(st, &after, outcome).await;
             tracing::info!(job.id = job.id, state = after.state.as_str(), "demo job failed, will retry");
         } else {
             let content = serde_json::to_vec(&json!({"job": job.id, "records": job.id * 7 % 100})).unwrap_or_default();
@@ -121,7 +153,8 @@ async fn work_once(st: &AppState) -> Result<(), orch_store::StoreError> {
                     content,
                 }],
             };
-            st.blocking(move |s| s.ack(&scope, job.id, ack)).await?;
+            let done = st.blocking(move |s| s.ack(&scope, job.id, ack)).await?;
+            crate::flow::observe(st, &done, crate::flow::Outcome::Succeeded).await;
             tracing::info!(job.id = job.id, tenant = %job.tenant, queue = %job.spec.queue, "demo job succeeded");
         }
     }

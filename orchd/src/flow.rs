@@ -749,7 +749,7 @@ impl ClaimGate for Gate<'_> {
     }
 }
 
-fn lock(flow: &std::sync::Mutex<FlowControl>) -> std::sync::MutexGuard<'_, FlowControl> {
+pub(crate) fn lock(flow: &std::sync::Mutex<FlowControl>) -> std::sync::MutexGuard<'_, FlowControl> {
     flow.lock().unwrap_or_else(|p| p.into_inner())
 }
 
