@@ -13,12 +13,20 @@ use orch_core::{ManualClock, Timestamp};
 use orch_store::*;
 use serde_json::{json, Value};
 
+mod http;
+
 /// orch-bench — ledger and bundle benchmarks.
 #[derive(Parser)]
 struct Cli {
     /// Job counts to run at (each ledger holds 3 events per job).
     #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     jobs: Vec<usize>,
+    /// Worker threads for the HTTP benchmarks.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Skip the HTTP benchmarks (they need the release `orchd` beside this binary).
+    #[arg(long)]
+    no_http: bool,
     /// Where to write the results.
     #[arg(long, default_value = "target/bench/results.json")]
     out: std::path::PathBuf,
@@ -53,7 +61,9 @@ fn enqueue(store: &SqliteStore, n: usize) -> anyhow::Result<f64> {
     Ok(per_sec(n, t))
 }
 
-fn claim_ack(store: &SqliteStore, n: usize, batch: usize) -> anyhow::Result<f64> {
+/// Claims `batch` at a time and acks each claim's jobs one call each, or (`batched_acks`) in
+/// one `ack_many` (what `POST /api/v1/acks` does).
+fn claim_ack(store: &SqliteStore, n: usize, batch: usize, batched_acks: bool) -> anyhow::Result<f64> {
     let t = Instant::now();
     let mut done = 0;
     while done < n {
@@ -66,10 +76,19 @@ fn claim_ack(store: &SqliteStore, n: usize, batch: usize) -> anyhow::Result<f64>
         };
         let allocs = store.claim(&req)?;
         anyhow::ensure!(!allocs.is_empty(), "ran out of jobs after {done}");
-        for a in allocs {
-            let lease_id = a.job.lease.map(|l| l.id).unwrap_or_default();
-            store.ack(&Scope::Tenant(a.job.tenant.clone()), a.job.id, Ack { lease_id, artifacts: vec![] })?;
-            done += 1;
+        let acks: Vec<(i64, Ack)> = allocs
+            .into_iter()
+            .map(|a| (a.job.id, Ack { lease_id: a.job.lease.map(|l| l.id).unwrap_or_default(), artifacts: vec![] }))
+            .collect();
+        done += acks.len();
+        if batched_acks {
+            for r in store.ack_many(&Scope::All, acks)? {
+                r?;
+            }
+        } else {
+            for (id, ack) in acks {
+                store.ack(&Scope::All, id, ack)?;
+            }
         }
     }
     Ok(per_sec(n, t))
@@ -145,7 +164,7 @@ fn main() -> anyhow::Result<()> {
     let mut row = |name: &str, jobs: usize, value: f64, unit: &str, ceiling: Option<f64>| {
         let ratio = ceiling.map(|c| value / c);
         table.push(format!(
-            "{:<44} {:>10} {:>12.0} {:<4}{:>9}",
+            "{:<44} {:>10} {:>12.1} {:<4}{:>9}",
             name,
             jobs,
             value,
@@ -169,12 +188,14 @@ fn main() -> anyhow::Result<()> {
         let store = open(&db)?;
         let rate = enqueue(&store, n)?;
         row("orch enqueue, batch 100", n, rate, "/s", None);
-        let first = n.min(20_000).min(n / 2);
-        let rate = claim_ack(&store, first, 1)?;
+        let first = n.min(20_000).min(n / 4);
+        let rate = claim_ack(&store, first, 1, false)?;
         row("orch claim+ack, batch 1", first, rate, "/s", Some(ceiling1));
-        let rate = claim_ack(&store, n - first, 100)?;
-        row("orch claim+ack, batch 100 (vs batched acks)", n - first, rate, "/s", Some(ceiling100));
-        row("orch claim+ack, batch 100 (vs ack per txn)", n - first, rate, "/s", Some(ceiling100_single));
+        let half = (n - first) / 2;
+        let rate = claim_ack(&store, half, 100, false)?;
+        row("orch claim 100, ack one per call", half, rate, "/s", Some(ceiling100_single));
+        let rate = claim_ack(&store, n - first - half, 100, true)?;
+        row("orch claim 100, acks batched (ack_many)", n - first - half, rate, "/s", Some(ceiling100));
 
         // Bundles over the resulting history (3 events per job).
         let events = 3 * n;
@@ -235,6 +256,23 @@ fn main() -> anyhow::Result<()> {
         }
         row("replay (parse+hash+chain+apply), events", lines.len(), per_sec(lines.len(), t), "/s", None);
         row("bundle size, bytes", n, bytes.len() as f64, "B", None);
+
+        if !cli.no_http {
+            let d = http::Daemon::start(dir.path())?;
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            row("orchd RSS idle, MB", 0, d.rss()? as f64 / 1e6, "MB", None);
+            let h = n.min(200_000);
+            row("HTTP enqueue, batches of 1000", h, d.enqueue("http", h)?, "/s", None);
+            row("orchd RSS with the jobs queued, MB", h, d.rss()? as f64 / 1e6, "MB", None);
+            let w = cli.workers;
+            row(&format!("HTTP claim+ack, batch 100, {w} workers"), h / 2, d.work("http", h / 2, w, 100)?, "/s", None);
+            let single = (h / 2).min(20_000);
+            let peak = d.work("http", single, w, 1)?;
+            row(&format!("HTTP claim+ack, 1 per request, {w} workers"), single, peak, "/s", None);
+            let (p50, p99) = d.latency("latency", peak / 2.0, 5.0, w)?;
+            row("HTTP enqueue->claim p50 at half peak, ms", 0, p50, "ms", None);
+            row("HTTP enqueue->claim p99 at half peak, ms", 0, p99, "ms", None);
+        }
     }
     for l in &table {
         println!("{l}");

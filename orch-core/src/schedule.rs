@@ -172,4 +172,17 @@ mod tests {
         let again = catch_up(&s, Some(ts("2026-11-24T10:00:00Z")), created, now, 3);
         assert!(again.fire.is_empty() && again.missed == 0, "nothing twice");
     }
+
+    proptest::proptest! {
+        /// The cron and time-zone parsers refuse or accept any text without panicking, and
+        /// an accepted schedule's next firing is after the instant asked about.
+        #[test]
+        fn parsing_any_text_never_panics(expr in "[0-9*/,LW#?A-Za-z -]{0,40}", tz in "[A-Za-z/_+-]{0,20}", at in 0i64..4_000_000_000_000) {
+            if let Ok(spec) = CronSpec::parse(&expr, &tz) {
+                if let Some(next) = spec.next_after(Timestamp::from_millis(at)) {
+                    proptest::prop_assert!(next.as_millis() > at);
+                }
+            }
+        }
+    }
 }

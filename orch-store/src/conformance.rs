@@ -722,6 +722,46 @@ pub fn incidents_reconcile(h: Harness) {
     assert_ledger_ok(&h);
 }
 
+/// A batch of acks: each succeeds or is refused on its own, and the chain stays whole.
+pub fn ack_many_item_by_item(h: Harness) {
+    for _ in 0..3 {
+        enqueue_one(&h, "acme", "q");
+    }
+    let got = claim(&h, "acme", "q", 3);
+    let lease = |i: usize| got[i].job.lease.as_ref().unwrap().id.clone();
+    let bad_artifacts = Ack {
+        lease_id: lease(2),
+        artifacts: vec![
+            ArtifactInput { name: "a".into(), media_type: "text/plain".into(), content: b"1".to_vec() },
+            ArtifactInput { name: "a".into(), media_type: "text/plain".into(), content: b"2".to_vec() },
+        ],
+    };
+    let results = h
+        .store
+        .ack_many(
+            &t("acme"),
+            vec![
+                (got[0].job.id, Ack { lease_id: lease(0), artifacts: vec![] }),
+                (got[1].job.id, Ack { lease_id: "not-the-lease".into(), artifacts: vec![] }),
+                (999_999, Ack { lease_id: lease(1), artifacts: vec![] }),
+                (got[2].job.id, bad_artifacts),
+                (got[1].job.id, Ack { lease_id: lease(1), artifacts: vec![] }),
+            ],
+        )
+        .unwrap();
+    assert_eq!(results.len(), 5);
+    assert_eq!(results[0].as_ref().unwrap().state, JobState::Succeeded);
+    assert!(matches!(results[1], Err(StoreError::LeaseLost { .. })), "{:?}", results[1]);
+    assert!(matches!(results[2], Err(StoreError::NotFound(_))), "{:?}", results[2]);
+    assert!(matches!(results[3], Err(StoreError::Invalid(_))), "{:?}", results[3]);
+    assert_eq!(results[4].as_ref().unwrap().state, JobState::Succeeded);
+    assert_eq!(h.store.job(&t("acme"), got[2].job.id).unwrap().state, JobState::Running);
+    // Another tenant's scope acks nothing of acme's.
+    let other = h.store.ack_many(&t("globex"), vec![(got[2].job.id, Ack { lease_id: lease(2), artifacts: vec![] })]);
+    assert!(matches!(other.unwrap()[0], Err(StoreError::NotFound(_))));
+    assert_ledger_ok(&h);
+}
+
 /// Expands to one `#[test]` per conformance case for a backend, given an [`Opener`] expression.
 #[macro_export]
 macro_rules! store_conformance {
@@ -730,7 +770,7 @@ macro_rules! store_conformance {
             enqueue_claim_heartbeat_ack, fail_retry_dead_letter, lease_expiry_reclaim,
             idempotent_enqueue, stale_lease_rejected, claim_order_and_run_after,
             tenant_isolation, bad_input_changes_nothing, cancel_and_conflicts, pagination,
-            dag_dependencies, claim_gate, incidents_reconcile);
+            dag_dependencies, claim_gate, incidents_reconcile, ack_many_item_by_item);
 
         proptest::proptest! {
             #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]

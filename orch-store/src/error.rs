@@ -92,7 +92,12 @@ impl StoreError {
             StoreError::NotALedger { .. } => "not_a_ledger",
             StoreError::SchemaTooNew { .. } => "schema_too_new",
             StoreError::Corrupt(_) => "corrupt_ledger",
-            StoreError::Backend(_) => "backend_error",
+            StoreError::Backend(e) => match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DiskFull) => "storage_full",
+                Some(rusqlite::ErrorCode::ReadOnly) => "read_only",
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => "busy",
+                _ => "backend_error",
+            },
         }
     }
 }

@@ -43,6 +43,13 @@ pub trait Store: Send + Sync + 'static {
     /// Completes a leased job with its artifacts.
     fn ack(&self, scope: &Scope, job: JobId, ack: Ack) -> Result<Job, StoreError>;
 
+    /// Completes several leased jobs, each on its own: one refused (lease lost, not found,
+    /// invalid) does not stop the others. The outer error is for a failure of the store
+    /// itself, after which nothing was written. Backends commit them together where they can.
+    fn ack_many(&self, scope: &Scope, acks: Vec<(JobId, Ack)>) -> Result<Vec<Result<Job, StoreError>>, StoreError> {
+        Ok(acks.into_iter().map(|(id, ack)| self.ack(scope, id, ack)).collect())
+    }
+
     /// Records a failed attempt: schedules a retry or dead-letters the job.
     fn fail(&self, scope: &Scope, job: JobId, failure: Failure) -> Result<Job, StoreError>;
 

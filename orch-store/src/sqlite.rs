@@ -416,6 +416,27 @@ impl Writer<'_> {
         Ok(out)
     }
 
+    /// Completes a leased job: its `job.succeeded` event and its artifacts.
+    fn ack(&mut self, scope: &Scope, id: JobId, ack: Ack) -> Result<Job, StoreError> {
+        let job = self.load_job(scope, id)?;
+        let actor = lease_holder(&job);
+        let metas: Vec<Artifact> =
+            ack.artifacts.iter().map(|a| Artifact::of_content(&a.name, &a.media_type, &a.content)).collect();
+        let draft = self.draft(&job, &actor, EventKind::Succeeded { lease_id: ack.lease_id, artifacts: metas.clone() });
+        let job = self.record(draft, Some(&job))?.expect("ack changes a job");
+        for (a, m) in ack.artifacts.iter().zip(&metas) {
+            self.tx
+                .prepare_cached("INSERT OR IGNORE INTO artifacts (sha256, size, content) VALUES (?1, ?2, ?3)")?
+                .execute(params![m.sha256, m.size as i64, a.content])?;
+            self.tx
+                .prepare_cached(
+                    "INSERT INTO job_artifacts (job_id, name, media_type, size, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![id, m.name, m.media_type, m.size as i64, m.sha256])?;
+        }
+        Ok(job)
+    }
+
     /// Files an `audit` event in a tenant's chain; returns it.
     fn audit(
         &mut self,
@@ -579,6 +600,19 @@ fn check_name(what: &str, s: &str) -> Result<(), StoreError> {
     }
 }
 
+/// Artifact names and media types of an ack: printable, bounded, names unique.
+fn check_ack(ack: &Ack) -> Result<(), StoreError> {
+    let mut names = std::collections::BTreeSet::new();
+    for a in &ack.artifacts {
+        check_text("artifact name", &a.name, 256)?;
+        check_text("media type", &a.media_type, 256)?;
+        if a.name.is_empty() || !names.insert(a.name.as_str()) {
+            return Err(StoreError::Invalid(format!("artifact names must be non-empty and unique: {:?}", a.name)));
+        }
+    }
+    Ok(())
+}
+
 fn check_text(what: &str, s: &str, max: usize) -> Result<(), StoreError> {
     if s.len() > max || s.chars().any(char::is_control) {
         return Err(StoreError::Invalid(format!("{what} must be at most {max} bytes without control characters")));
@@ -662,31 +696,24 @@ impl Store for SqliteStore {
 
     #[instrument(skip_all, fields(job.id = id))]
     fn ack(&self, scope: &Scope, id: JobId, ack: Ack) -> Result<Job, StoreError> {
-        let mut names = std::collections::BTreeSet::new();
-        for a in &ack.artifacts {
-            check_text("artifact name", &a.name, 256)?;
-            check_text("media type", &a.media_type, 256)?;
-            if a.name.is_empty() || !names.insert(a.name.as_str()) {
-                return Err(StoreError::Invalid(format!("artifact names must be non-empty and unique: {:?}", a.name)));
-            }
-        }
+        check_ack(&ack)?;
+        self.write(|w| w.ack(scope, id, ack))
+    }
+
+    #[instrument(skip_all, fields(acks = acks.len()))]
+    fn ack_many(&self, scope: &Scope, acks: Vec<(JobId, Ack)>) -> Result<Vec<Result<Job, StoreError>>, StoreError> {
+        // One transaction for all. An ack that is refused is refused before it writes anything
+        // (the job is read and the transition checked first), so the others can go on; any
+        // other error rolls the whole batch back.
         self.write(|w| {
-            let job = w.load_job(scope, id)?;
-            let actor = lease_holder(&job);
-            let metas: Vec<Artifact> =
-                ack.artifacts.iter().map(|a| Artifact::of_content(&a.name, &a.media_type, &a.content)).collect();
-            let draft =
-                w.draft(&job, &actor, EventKind::Succeeded { lease_id: ack.lease_id, artifacts: metas.clone() });
-            let job = w.record(draft, Some(&job))?.expect("ack changes a job");
-            for (a, m) in ack.artifacts.iter().zip(&metas) {
-                w.tx.prepare_cached("INSERT OR IGNORE INTO artifacts (sha256, size, content) VALUES (?1, ?2, ?3)")?
-                    .execute(params![m.sha256, m.size as i64, a.content])?;
-                w.tx.prepare_cached(
-                    "INSERT INTO job_artifacts (job_id, name, media_type, size, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![id, m.name, m.media_type, m.size as i64, m.sha256])?;
+            let mut out = Vec::with_capacity(acks.len());
+            for (id, ack) in acks {
+                match check_ack(&ack).and_then(|()| w.ack(scope, id, ack)) {
+                    Err(e @ (StoreError::Backend(_) | StoreError::Corrupt(_))) => return Err(e),
+                    r => out.push(r),
+                }
             }
-            Ok(job)
+            Ok(out)
         })
     }
 

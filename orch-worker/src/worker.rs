@@ -282,6 +282,11 @@ impl Worker {
         self.work(false)
     }
 
+    /// Runs until [`StopHandle::stop`], without touching signal handlers (for embedding).
+    pub fn run_until_stopped(&self) -> Result<Summary, Error> {
+        self.work(false)
+    }
+
     /// Runs until a claim finds no work and nothing is running (or until stopped).
     pub fn run_until_idle(&self) -> Result<Summary, Error> {
         self.work(true)
@@ -330,7 +335,7 @@ impl Worker {
                 Err(e) => match e.retry_after() {
                     Some(after) => {
                         failures += 1;
-                        let backoff = Duration::from_millis(500 * 2u64.pow(failures.min(6)));
+                        let backoff = Duration::from_millis(500 * 2u64.pow(failures.min(4)));
                         tracing::warn!(error = %e, "claim failed; backing off");
                         after.max(jitter(backoff))
                     }
@@ -402,18 +407,22 @@ impl Worker {
         let client = self.client.clone();
         let handler = self.handler.clone();
         let stopping = self.stop.clone();
+        let extend = self.config.lease_seconds;
         std::thread::spawn(move || {
             let id = job.id;
-            let outcome = supervise(&client, handler, job, &released, stopping);
+            let outcome = supervise(&client, handler, job, extend, &released, stopping);
             let _ = done.send((id, outcome));
         });
     }
 }
 
+/// Runs the handler; heartbeats every `job.heartbeat`, extending the lease by `extend`
+/// seconds (the claim's lease length; `None`: the daemon's default).
 fn supervise(
     client: &Client,
     handler: Arc<Handler>,
     job: Job,
+    extend: Option<u64>,
     released: &AtomicBool,
     stopping: Arc<AtomicBool>,
 ) -> Outcome {
@@ -441,7 +450,10 @@ fn supervise(
         if final_beat && p.is_none() {
             return;
         }
-        let body = json!({"lease_id": job.lease_id, "progress": p});
+        let mut body = json!({"lease_id": job.lease_id, "progress": p});
+        if let Some(s) = extend {
+            body["extend_seconds"] = json!(s);
+        }
         if let Err(e) = client.post(&path("heartbeat"), &body) {
             if e.is_lease_lost() {
                 lease_lost.store(true, Ordering::SeqCst);

@@ -321,6 +321,8 @@ pub struct FlowControl {
     starts: HashMap<(String, String), VecDeque<Timestamp>>,
     /// Since when each bucket's refill has been below its configured rate.
     throttled_since: HashMap<BucketKey, Timestamp>,
+    /// Claims each bucket refused, ever (for `/metrics`).
+    refused: HashMap<BucketKey, u64>,
 }
 
 /// What a worker reported about a job, as flow control sees it.
@@ -379,6 +381,7 @@ impl FlowControl {
             depths: HashMap::new(),
             starts: HashMap::new(),
             throttled_since: HashMap::new(),
+            refused: HashMap::new(),
         }
     }
 
@@ -504,6 +507,31 @@ impl FlowControl {
         out
     }
 
+    /// Bucket levels, refusals and breaker states of a scope, for `/metrics`.
+    pub fn gauges(&self, scope: &Scope, now: Timestamp) -> crate::metrics::FlowGauges {
+        let buckets = self
+            .buckets(scope, now)
+            .into_iter()
+            .map(|b| {
+                let refused = self.refused.get(&b.key).copied().unwrap_or(0);
+                (b.key.tenant, b.key.id, b.tokens_milli as f64 / 1000.0, b.rate_milli_per_s as f64 / 1000.0, refused)
+            })
+            .collect();
+        let breakers = self
+            .breakers(scope)
+            .into_iter()
+            .map(|b| {
+                let state = match b.state {
+                    BreakerState::Closed => 0,
+                    BreakerState::HalfOpen => 1,
+                    BreakerState::Open => 2,
+                };
+                (b.tenant, b.host, state)
+            })
+            .collect();
+        crate::metrics::FlowGauges { buckets, breakers }
+    }
+
     /// The breakers of a scope.
     pub fn breakers(&self, scope: &Scope) -> Vec<BreakerView> {
         let mut out: Vec<BreakerView> = self
@@ -598,6 +626,7 @@ pub struct Gate<'a> {
 
 impl Gate<'_> {
     fn deny(&mut self, key: &BucketKey, wait_ms: u64) {
+        *self.flow.refused.entry(key.clone()).or_default() += 1;
         let every = self.flow.settings.denial_record_ms as i64;
         let last = self.flow.last_denial.get(key).copied();
         if last.is_some_and(|l| self.now.as_millis() - l.as_millis() < every) {

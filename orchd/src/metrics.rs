@@ -56,6 +56,27 @@ struct BurnLabels {
     window: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BucketLabels {
+    tenant: String,
+    bucket: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    tenant: String,
+    host: String,
+}
+
+/// Flow control as of a scrape: what [`Metrics::render`] shows of it.
+#[derive(Clone, Debug, Default)]
+pub struct FlowGauges {
+    /// (tenant, bucket id, tokens, current refill per second, claims refused so far).
+    pub buckets: Vec<(String, String, f64, f64, u64)>,
+    /// (tenant, host, state: 0 closed, 1 half-open, 2 open).
+    pub breakers: Vec<(String, String, i64)>,
+}
+
 /// One burn rate.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct BurnRate {
@@ -91,6 +112,10 @@ pub struct Metrics {
     events: Family<EventLabels, Counter>,
     depth: Family<DepthLabels, Gauge>,
     burn: Family<BurnLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    bucket_tokens: Family<BucketLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    bucket_refill: Family<BucketLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    rate_limited: Family<BucketLabels, Counter>,
+    breakers: Family<HostLabels, Gauge>,
     timing: Mutex<Timing>,
     objective: f64,
 }
@@ -127,6 +152,22 @@ impl Metrics {
         registry.register("leases_lost", "Leases that lapsed without a heartbeat", leases_lost.clone());
         registry.register("jobs_finished", "Jobs that reached a terminal state, by outcome", finished.clone());
         registry.register("events", "History events by type", events.clone());
+        let bucket_tokens = Family::<BucketLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let bucket_refill = Family::<BucketLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let rate_limited = Family::<BucketLabels, Counter>::default();
+        let breakers = Family::<HostLabels, Gauge>::default();
+        registry.register("rate_limit_tokens", "Tokens in a rate-limit bucket", bucket_tokens.clone());
+        registry.register(
+            "rate_limit_refill_per_second",
+            "A bucket's current refill (lowered by upstream throttling)",
+            bucket_refill.clone(),
+        );
+        registry.register("rate_limited", "Claims a bucket refused", rate_limited.clone());
+        registry.register(
+            "breaker_state",
+            "Circuit breaker per source host: 0 closed, 1 half-open, 2 open",
+            breakers.clone(),
+        );
         registry.register(
             "slo_burn_rate",
             "Error-budget burn rate of the job success objective over a window (1 = on budget)",
@@ -143,6 +184,10 @@ impl Metrics {
             events,
             depth,
             burn,
+            bucket_tokens,
+            bucket_refill,
+            rate_limited,
+            breakers,
             timing: Mutex::new(Timing { jobs: HashMap::new(), finished: VecDeque::new() }),
             objective: objective.clamp(0.0, 0.999_999),
         }
@@ -239,7 +284,21 @@ impl Metrics {
 
     /// The text exposition: depth and burn rates as of `now`, then everything; lines of other
     /// tenants left out when `tenant` is given.
-    pub fn render(&self, depth: &[Depth], now: Timestamp, tenant: Option<&str>) -> String {
+    pub fn render(&self, depth: &[Depth], flow: &FlowGauges, now: Timestamp, tenant: Option<&str>) -> String {
+        for f in [&self.bucket_tokens, &self.bucket_refill] {
+            f.clear();
+        }
+        self.breakers.clear();
+        for (tenant, bucket, tokens, refill, refused) in &flow.buckets {
+            let labels = BucketLabels { tenant: tenant.clone(), bucket: bucket.clone() };
+            self.bucket_tokens.get_or_create(&labels).set(*tokens);
+            self.bucket_refill.get_or_create(&labels).set(*refill);
+            let counter = self.rate_limited.get_or_create(&labels);
+            counter.inc_by(refused.saturating_sub(counter.get()));
+        }
+        for (tenant, host, state) in &flow.breakers {
+            self.breakers.get_or_create(&HostLabels { tenant: tenant.clone(), host: host.clone() }).set(*state);
+        }
         self.depth.clear();
         for d in depth {
             let labels = DepthLabels { tenant: d.tenant.clone(), queue: d.queue.clone(), state: d.state.clone() };

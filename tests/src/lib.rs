@@ -32,15 +32,20 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `orchd serve --db DB --listen 127.0.0.1:0 EXTRA…` and waits until it listens.
+    /// Starts `orchd serve --db DB --listen 127.0.0.1:0 EXTRA…` (`EXTRA` may name its own
+    /// `--listen`) and waits until it listens.
     pub fn start(db: &Path, extra: &[&str]) -> Daemon {
         Daemon::start_env(db, extra, &[])
     }
 
     /// Like [`Daemon::start`], with extra environment variables (`ORCHD_*` settings).
     pub fn start_env(db: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        // A free loopback port, unless the caller names an address.
+        let listen: &[&str] = if extra.contains(&"--listen") { &[] } else { &["--listen", "127.0.0.1:0"] };
         let mut child = Command::new(bin("orchd"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+            .arg("serve")
+            .args(listen)
+            .arg("--db")
             .arg(db)
             .args(extra)
             .envs(env.iter().copied())

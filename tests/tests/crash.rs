@@ -92,3 +92,77 @@ fn tamper(db: &std::path::Path) {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+/// External workers (the Rust SDK, over HTTP) keep working while the daemon is killed with
+/// SIGKILL at arbitrary moments and restarted on the same address: in the end every job is
+/// succeeded exactly once or dead-lettered, no lease is left behind, and the ledger verifies.
+#[test]
+fn workers_under_load_survive_repeated_sigkills() {
+    use orch_worker::{Client as Sdk, Config, JobError, Worker};
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let token = orch_e2e::token(&db, "acme", "orch:work,orch:read");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = [("ORCHD_REAPER_INTERVAL_MS", "100")];
+    let mut daemon = Daemon::start_env(&db, &["--listen", &listen], &env);
+    let api = orch_e2e::api::Client::new(&daemon.url, Some(&token));
+    const JOBS: u64 = 400;
+    for chunk in 0..4 {
+        let jobs: Vec<_> = (0..100)
+            .map(|i| serde_json::json!({"queue": "crash", "payload": {"n": chunk * 100 + i}, "max_attempts": 10}))
+            .collect();
+        assert_eq!(api.post("/api/v1/jobs/batch", &serde_json::json!({ "jobs": jobs })).status, 200);
+    }
+
+    let mut config = Config::new("crash-worker", &["crash"]);
+    config.concurrency = 4;
+    config.lease_seconds = Some(2);
+    config.idle_poll = Duration::from_millis(50);
+    let worker = Worker::new(Sdk::new(&daemon.url, &token), config, |job, ctx| {
+        std::thread::sleep(Duration::from_millis(5));
+        if job.payload["n"].as_u64() == Some(7) {
+            return Err(JobError::permanent("poison", "job 7 always fails"));
+        }
+        ctx.artifact("n.txt", "text/plain", job.payload["n"].to_string().into_bytes());
+        Ok(())
+    });
+    let stop = worker.stop_handle();
+    let runner = std::thread::spawn(move || worker.run_until_stopped());
+
+    for round in 0..4u64 {
+        std::thread::sleep(Duration::from_millis(300 + round * 170));
+        daemon.kill();
+        std::thread::sleep(Duration::from_millis(100));
+        daemon = Daemon::start_env(&db, &["--listen", &listen], &env);
+    }
+    let api = orch_e2e::api::Client::new(&daemon.url, Some(&token));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = api.get("/api/v1/stats").json;
+        let done = ["succeeded", "dead"].iter().map(|s| stats["jobs"][s].as_u64().unwrap_or(0)).sum::<u64>();
+        if done == JOBS {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not every job finished: {stats}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.stop();
+    runner.join().unwrap().unwrap();
+    daemon.stop();
+
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+    assert_eq!(count("SELECT count(*) FROM jobs WHERE state = 'succeeded'"), JOBS as i64 - 1);
+    assert_eq!(count("SELECT count(*) FROM jobs WHERE state = 'dead'"), 1);
+    assert_eq!(count("SELECT count(*) FROM jobs WHERE lease_id IS NOT NULL"), 0, "no lease left behind");
+    assert_eq!(
+        count("SELECT count(*) FROM (SELECT job_id FROM history WHERE type = 'job.succeeded' GROUP BY job_id HAVING count(*) > 1)"),
+        0,
+        "no job succeeded twice"
+    );
+    assert_eq!(count("SELECT count(DISTINCT job_id) FROM history WHERE type = 'job.succeeded'"), JOBS as i64 - 1);
+    let (code, out, err) = run("orchd", &["check", "--db", db.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+}

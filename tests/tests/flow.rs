@@ -121,6 +121,15 @@ fn operator_commands_act_on_a_running_daemon_and_are_audited() {
     let flow = acme.get("/api/v1/flow");
     let bucket = ok(&flow)["buckets"].as_array().unwrap().iter().find(|b| b["id"] == "tenant").unwrap().clone();
     assert_eq!(bucket["configured_milli_per_s"], 500, "{bucket}");
+    let metrics = String::from_utf8(acme.get("/metrics").bytes).unwrap();
+    let series = |name: &str| -> f64 {
+        let prefix = format!("{name}{{tenant=\"acme\",bucket=\"tenant\"}} ");
+        let line = metrics.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{prefix}\n{metrics}"));
+        line[prefix.len()..].parse().unwrap()
+    };
+    assert_eq!(series("orch_rate_limit_refill_per_second"), 0.5);
+    assert!(series("orch_rate_limited_total") >= 1.0);
+    assert!(series("orch_rate_limit_tokens") < 1.0, "the bucket is spent");
 
     // replay a run
     let dag = acme.post(

@@ -108,6 +108,12 @@ fn a_worker_runs_jobs_concurrently_heartbeats_and_maps_failures() {
     assert!(slow_events.iter().filter(|t| *t == "job.heartbeat").count() >= 3, "{slow_events:?}");
     assert!(!slow_events.iter().any(|t| t == "job.lease_expired"), "heartbeats kept the lease: {slow_events:?}");
     assert_eq!(site.job(slow)["progress"], json!({"pct": 100}));
+    // Each heartbeat extends the lease by the claim's lease length (1 s), not the daemon's default.
+    let history = site.api().get(&format!("/api/v1/history?job_id={slow}&type=job.heartbeat"));
+    for e in history.json["items"].as_array().unwrap() {
+        let extended = chrono_ms(&e["event"]["data"]["lease_expires_at"]) - chrono_ms(&e["at"]);
+        assert_eq!(extended, 1_000, "{e}");
+    }
 
     let job = site.job(permanent);
     assert_eq!((job["state"].as_str(), job["last_error"]["class"].as_str()), (Some("dead"), Some("parse_error")));

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use orch_store::StoreError;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 use utoipa::ToSchema;
 
 /// An error answer: `{"error": {"code", "message", "details", "request_id"}}`.
@@ -82,6 +82,20 @@ impl From<StoreError> for ApiError {
             }
             StoreError::LeaseLost { .. } | StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            // The ledger cannot take writes now: say so plainly; the transaction rolled back.
+            StoreError::Backend(_) => {
+                let (status, message) = match e.code() {
+                    "storage_full" => (
+                        StatusCode::INSUFFICIENT_STORAGE,
+                        "the ledger's disk is full: nothing was written; free space and retry",
+                    ),
+                    "read_only" => (StatusCode::SERVICE_UNAVAILABLE, "the ledger is read-only: nothing was written"),
+                    "busy" => (StatusCode::SERVICE_UNAVAILABLE, "the ledger is busy: nothing was written; retry"),
+                    _ => return ApiError::internal(e),
+                };
+                tracing::error!(error = %e, "a write was refused by the database");
+                return ApiError::new(status, e.code(), message).with_details(json!({"retry_after_s": 1}));
+            }
             _ => return ApiError::internal(e),
         };
         ApiError::new(status, e.code(), e.to_string())

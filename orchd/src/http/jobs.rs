@@ -489,9 +489,9 @@ pub async fn ack_batch(
     for item in body.items {
         acks.push((item.job_id, Ack { lease_id: item.lease_id, artifacts: artifacts(item.artifacts)? }));
     }
-    let results = st
-        .blocking(move |s| Ok(acks.into_iter().map(|(id, a)| (id, s.ack(&scope, id, a))).collect::<Vec<_>>()))
-        .await?;
+    let ids: Vec<JobId> = acks.iter().map(|(id, _)| *id).collect();
+    let results = st.blocking(move |s| s.ack_many(&scope, acks)).await?;
+    let results: Vec<(JobId, Result<orch_core::Job, orch_store::StoreError>)> = ids.into_iter().zip(results).collect();
     for job in results.iter().filter_map(|(_, r)| r.as_ref().ok()) {
         crate::flow::observe(&st, job, crate::flow::Outcome::Succeeded).await;
     }

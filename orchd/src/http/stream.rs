@@ -185,7 +185,9 @@ pub async fn metrics(State(st): State<AppState>, p: Principal) -> Result<Respons
         Scope::Tenant(t) => Some(t),
         Scope::All => None,
     };
-    let text = st.metrics.render(&depth, st.clock.now(), tenant.as_deref());
+    let scope = p.scope();
+    let flow = crate::flow::view(&st, |f, now| f.gauges(&scope, now));
+    let text = st.metrics.render(&depth, &flow, st.clock.now(), tenant.as_deref());
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 

@@ -1,0 +1,198 @@
+//! Over HTTP on loopback, against a real `orchd serve` (the release binary beside this one):
+//! batched and one-job-per-request throughput with several worker threads, enqueue→start
+//! latency at half the measured one-job peak, and the daemon's resident memory idle and with a
+//! queue of jobs.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+/// A daemon for one measurement.
+pub struct Daemon {
+    child: Child,
+    /// Its base URL.
+    pub url: String,
+    /// A token with work and read scopes for tenant `bench`.
+    pub token: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts `orchd serve` on a fresh ledger in `dir`.
+    pub fn start(dir: &Path) -> anyhow::Result<Daemon> {
+        let exe = std::env::current_exe()?.with_file_name("orchd");
+        anyhow::ensure!(exe.exists(), "{} is missing: build it (scripts/bench does)", exe.display());
+        let db = dir.join("http.db");
+        let out = Command::new(&exe)
+            .args(["token", "create", "--tenant", "bench", "--scopes", "orch:work,orch:read", "--db"])
+            .arg(&db)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+        let token = String::from_utf8(out.stdout)?.trim().to_string();
+        let mut child = Command::new(&exe)
+            .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+            .arg(&db)
+            .env("RUST_LOG", "warn")
+            .env("ORCHD_FLOW__MAX_QUEUED_PER_TENANT", "100000000")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let url = line.trim().strip_prefix("orchd listening on ").context("orchd did not start")?.to_string();
+        Ok(Daemon { child, url, token })
+    }
+
+    /// Resident memory now, in bytes.
+    pub fn rss(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS")?;
+        Ok(kb * 1024)
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder().http_status_as_error(false).build().into()
+    }
+
+    fn post(&self, agent: &ureq::Agent, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let mut resp = agent
+            .post(format!("{}{path}", self.url))
+            .header("authorization", format!("Bearer {}", self.token))
+            .send_json(body)?;
+        let status = resp.status().as_u16();
+        let v: Value = resp.body_mut().read_json()?;
+        anyhow::ensure!((200..300).contains(&status), "POST {path}: {status} {v}");
+        Ok(v)
+    }
+
+    /// Enqueues `n` jobs of `queue` in batches of 1000; returns jobs/s.
+    pub fn enqueue(&self, queue: &str, n: usize) -> anyhow::Result<f64> {
+        let agent = Daemon::agent();
+        let t = Instant::now();
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(1000);
+            let jobs: Vec<Value> = (0..k).map(|i| json!({"queue": queue, "payload": {"i": i}})).collect();
+            self.post(&agent, "/api/v1/jobs/batch", &json!({ "jobs": jobs }))?;
+            left -= k;
+        }
+        Ok(n as f64 / t.elapsed().as_secs_f64())
+    }
+
+    /// `workers` threads claim `batch` jobs at a time and ack them (in one `POST /api/v1/acks`
+    /// when `batch` > 1) until `n` jobs are done; returns jobs/s. Claims never ask for more
+    /// than is left of `n`, so the queue keeps what later measurements need.
+    pub fn work(&self, queue: &str, n: usize, workers: usize, batch: usize) -> anyhow::Result<f64> {
+        let reserved = Arc::new(AtomicUsize::new(0));
+        let t = Instant::now();
+        std::thread::scope(|s| -> anyhow::Result<()> {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let reserved = reserved.clone();
+                    s.spawn(move || -> anyhow::Result<()> {
+                        let agent = Daemon::agent();
+                        loop {
+                            let Ok(before) = reserved.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| {
+                                (r < n).then(|| r + batch.min(n - r))
+                            }) else {
+                                return Ok(());
+                            };
+                            let want = batch.min(n - before);
+                            let body = json!({"worker_id": format!("bench-{w}"), "queues": [queue], "limit": want});
+                            let got = self.post(&agent, "/api/v1/claims", &body)?;
+                            let allocs = got["allocations"].as_array().cloned().unwrap_or_default();
+                            anyhow::ensure!(!allocs.is_empty(), "the queue ran dry before {n} jobs");
+                            reserved.fetch_sub(want - allocs.len(), Ordering::SeqCst);
+                            if batch == 1 {
+                                let a = &allocs[0];
+                                let path = format!("/api/v1/jobs/{}/ack", a["job"]["id"]);
+                                self.post(&agent, &path, &json!({"lease_id": a["lease_id"]}))?;
+                            } else {
+                                let items: Vec<Value> = allocs
+                                    .iter()
+                                    .map(|a| json!({"job_id": a["job"]["id"], "lease_id": a["lease_id"]}))
+                                    .collect();
+                                self.post(&agent, "/api/v1/acks", &json!({ "items": items }))?;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+            }
+            Ok(())
+        })?;
+        Ok(n as f64 / t.elapsed().as_secs_f64())
+    }
+
+    /// A producer enqueues one job at a time at `rate`/s for `secs`, while `workers` claim one
+    /// at a time and ack; returns the (p50, p99) of enqueue→claim latency in milliseconds.
+    pub fn latency(&self, queue: &str, rate: f64, secs: f64, workers: usize) -> anyhow::Result<(f64, f64)> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::<f64>::new()));
+        let origin = Instant::now();
+        let now_us = move || origin.elapsed().as_micros() as u64;
+        std::thread::scope(|s| -> anyhow::Result<()> {
+            let mut handles = Vec::new();
+            for w in 0..workers {
+                let (stop, samples) = (stop.clone(), samples.clone());
+                handles.push(s.spawn(move || -> anyhow::Result<()> {
+                    let agent = Daemon::agent();
+                    while !stop.load(Ordering::Relaxed) {
+                        let body = json!({"worker_id": format!("lat-{w}"), "queues": [queue], "limit": 1});
+                        let got = self.post(&agent, "/api/v1/claims", &body)?;
+                        let Some(a) = got["allocations"].as_array().and_then(|a| a.first()).cloned() else {
+                            continue;
+                        };
+                        let sent = a["job"]["spec"]["payload"]["t_us"].as_u64().unwrap_or(0);
+                        samples.lock().unwrap().push((now_us() - sent) as f64 / 1000.0);
+                        let path = format!("/api/v1/jobs/{}/ack", a["job"]["id"]);
+                        self.post(&agent, &path, &json!({"lease_id": a["lease_id"]}))?;
+                    }
+                    Ok(())
+                }));
+            }
+            let agent = Daemon::agent();
+            let every = Duration::from_secs_f64(1.0 / rate);
+            let start = Instant::now();
+            let mut k = 0u32;
+            while start.elapsed().as_secs_f64() < secs {
+                let due = start + every * k;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                self.post(&agent, "/api/v1/jobs", &json!({"queue": queue, "payload": {"t_us": now_us()}}))?;
+                k += 1;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            stop.store(true, Ordering::Relaxed);
+            for h in handles {
+                h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+            }
+            Ok(())
+        })?;
+        let mut v = samples.lock().unwrap().clone();
+        anyhow::ensure!(!v.is_empty(), "no job was claimed");
+        v.sort_by(f64::total_cmp);
+        let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+        Ok((pct(0.50), pct(0.99)))
+    }
+}
