@@ -798,3 +798,42 @@ async fn incidents_open_when_conditions_start_and_close_when_they_clear() {
     let r = admin.send("GET", "/api/v1/incidents?state=maybe", None).await;
     assert_eq!(r.status, 422);
 }
+
+#[tokio::test]
+async fn removing_a_rule_lifts_it_and_is_audited() {
+    let site = Site::new();
+    let admin = site.client("acme", "orch:admin,orch:operate,orch:work,orch:read");
+    let reader = site.client("acme", "orch:read");
+    admin.enqueue("q", None, 20).await;
+    let until = site.now().plus_millis(3_600_000);
+    admin
+        .ok("PUT", "/api/v1/blackouts/all", json!({"window": {"kind": "once", "from": site.now(), "to": until}}))
+        .await;
+    admin.ok("PUT", "/api/v1/concurrency/queue:q", json!({"max": 1})).await;
+    admin.ok("PUT", "/api/v1/rate-limits/tenant", json!({"rate_per_s": 0.001, "burst": 1})).await;
+    let sched = json!({"cron": "* * * * *", "job": {"queue": "cron"}});
+    admin.ok("PUT", "/api/v1/schedules/every-minute", sched).await;
+    assert!(admin.claim(&["q"], 10).await.is_empty(), "blacked out");
+
+    assert_eq!(reader.send("DELETE", "/api/v1/blackouts/all", None).await.status, 403);
+    let r = admin.ok("DELETE", "/api/v1/blackouts/all", json!({"reason": "maintenance over"})).await;
+    assert_eq!(r["audit"]["event"]["data"]["action"], "blackout.delete");
+    let first = admin.claim(&["q"], 10).await;
+    assert_eq!(first.len(), 1, "concurrency 1 (and a bucket of 1)");
+    admin.ack(&first[0]).await;
+    assert!(admin.claim(&["q"], 10).await.is_empty(), "the bucket is empty");
+    admin.ok("DELETE", "/api/v1/rate-limits/tenant", json!({})).await;
+    admin.ok("DELETE", "/api/v1/concurrency/queue:q", json!({})).await;
+    assert_eq!(admin.claim(&["q"], 10).await.len(), 10, "no limit left");
+
+    admin.ok("DELETE", "/api/v1/schedules/every-minute", json!({})).await;
+    site.advance_ms(10 * 60_000);
+    assert_eq!(orchd::schedules::fire_due(&site.state).await.unwrap().enqueued, 0, "a removed schedule never fires");
+    for path in ["/api/v1/schedules/every-minute", "/api/v1/blackouts/none", "/api/v1/rate-limits/host:x"] {
+        let r = admin.send("DELETE", path, None).await;
+        assert_eq!((r.status, r.json["error"]["code"].as_str()), (404, Some("not_found")), "{path}");
+    }
+    for kind in ["blackouts", "concurrency", "rate-limits", "schedules"] {
+        assert_eq!(reader.get(&format!("/api/v1/{kind}")).await["items"], json!([]), "{kind}");
+    }
+}

@@ -60,6 +60,29 @@ fn world() -> World {
                     "window_seconds": 86400, "reason": "A-REASON", "ticket": "A-TICKET"}),
         );
         let a_run = r.json["run"]["id"].as_i64().unwrap();
+        // Flow control of A's: a host rate limit that a 429 lowers (throttle records, a bucket),
+        // a pause, a blackout, a schedule.
+        let why = |mut v: Value| {
+            v["reason"] = json!("A-REASON");
+            v
+        };
+        for (method, path, body) in [
+            ("PUT", "/api/v1/rate-limits/host:alpha.example.test", json!({"rate_per_s": 5.0, "burst": 5})),
+            ("POST", "/api/v1/pauses/queue:shared-q", json!({})),
+            (
+                "PUT",
+                "/api/v1/blackouts/alpha-blackout",
+                json!({"window": {"kind": "once", "from": "2026-01-01T00:00:00Z", "to": "2036-01-01T00:00:00Z"}, "queue": "alpha-q"}),
+            ),
+            ("PUT", "/api/v1/schedules/nightly", json!({"cron": "0 0 1 1 *", "job": {"queue": "alpha-q"}})),
+        ] {
+            let r = a.send(method, path, Some(why(body).to_string().into_bytes()), &[]);
+            assert_eq!(r.status, 200, "{path}: {:?}", r.json);
+        }
+        let (id, lease) = &a_leases[1];
+        let body =
+            json!({"lease_id": lease, "error_class": "http_429", "message": "A-SECRET upstream", "retryable": true});
+        assert_eq!(a.post(&format!("/api/v1/jobs/{id}/fail"), &body).status, 200);
         let r = b.post("/api/v1/jobs/batch", &json!({"jobs": [{"queue": "ingest"}, {"queue": "other"}]}));
         let b_jobs = r.json["items"].as_array().unwrap().iter().map(|e| e["job"]["id"].as_i64().unwrap()).collect();
         let mut markers: Vec<String> = [
@@ -106,7 +129,7 @@ fn req() -> impl Strategy<Value = Req> {
         (0..4u8, 0..8usize).prop_map(|(f, i)| Req::History(f, i)),
         any::<bool>().prop_map(Req::GetRun),
         Just(Req::ListRuns),
-        (0..4u8).prop_map(Req::Settings),
+        (0..14u8).prop_map(Req::Settings),
         (0..8usize).prop_map(Req::Artifact),
         (0..8usize, any::<bool>()).prop_map(|(i, s)| Req::Legacy(i, s)),
         (0..3u8, 0..4usize).prop_map(|(k, i)| Req::Worker(k, i)),
@@ -154,6 +177,16 @@ fn send(w: &World, r: &Req) -> (Reply, bool) {
             0 => (w.b.get("/api/v1/sources"), false),
             1 => (w.b.get("/api/v1/sources/alpha-src"), true),
             2 => (w.b.get("/api/v1/quotas"), false),
+            3 => (w.b.get("/api/v1/flow"), false),
+            4 => (w.b.get("/api/v1/throttles"), false),
+            5 => (w.b.get("/api/v1/incidents"), false),
+            6 => (w.b.get("/api/v1/rate-limits"), false),
+            7 => (w.b.get("/api/v1/pauses"), false),
+            8 => (w.b.get("/api/v1/blackouts"), false),
+            9 => (w.b.get("/api/v1/schedules"), false),
+            10 => (w.b.send("DELETE", "/api/v1/pauses/queue:shared-q", None, &[]), true),
+            11 => (w.b.send("DELETE", "/api/v1/schedules/nightly", None, &[]), true),
+            12 => (w.b.get("/metrics"), false),
             _ => (w.b.get("/api/v1/stats"), false),
         },
         Req::Artifact(i) => (w.b.get(&format!("/api/v1/jobs/{}/artifacts/out", a_job(*i))), true),

@@ -269,31 +269,85 @@ pub async fn put_blackout(
     change_setting(&st, &p, change(&p, SettingKind::Blackout, name, doc, why)?, false).await
 }
 
-/// Which settings a `DELETE` removes.
-fn deletable(kind: &str) -> Result<(SettingKind, &'static str), ApiError> {
+/// The setting kinds listed at `GET /api/v1/{kind}`.
+fn listed(kind: &str) -> Result<SettingKind, ApiError> {
     match kind {
-        "rate-limits" => Ok((SettingKind::RateLimit, ADMIN)),
-        "concurrency" => Ok((SettingKind::Concurrency, ADMIN)),
-        "blackouts" => Ok((SettingKind::Blackout, OPERATE)),
-        "schedules" => Ok((SettingKind::Schedule, ADMIN)),
+        "rate-limits" => Ok(SettingKind::RateLimit),
+        "concurrency" => Ok(SettingKind::Concurrency),
+        "pauses" => Ok(SettingKind::Pause),
+        "blackouts" => Ok(SettingKind::Blackout),
+        "schedules" => Ok(SettingKind::Schedule),
         _ => Err(ApiError::not_found("no such endpoint")),
     }
 }
 
-#[utoipa::path(delete, path = "/api/v1/{kind}/{id}", tag = "flow", request_body(content = Option<ReasonBody>, description = "Optional"),
-    params(("kind" = String, Path, description = "`rate-limits`, `concurrency`, `blackouts` or `schedules`"), ("id" = String, Path, description = "The setting's id")),
+/// Removes a setting of the caller's tenant (audited); one that does not exist is a 404.
+async fn remove(
+    st: &AppState,
+    p: &Principal,
+    kind: SettingKind,
+    scope: &'static str,
+    id: String,
+    why: Option<ReasonBody>,
+) -> Result<Response, ApiError> {
+    p.require(&[scope])?;
+    change_setting(st, p, change(p, kind, id, Value::Null, why.unwrap_or_default())?, true).await
+}
+
+#[utoipa::path(delete, path = "/api/v1/rate-limits/{id}", tag = "flow", request_body(content = Option<ReasonBody>, description = "Optional"),
+    params(("id" = String, Path, description = "`tenant`, or `host:<source host>`")),
     responses((status = 200, body = ChangeOut), (status = "4XX", body = ErrorEnvelope)),
-    security(("bearer" = ["orch:admin"]), ("bearer" = ["orch:operate"])))]
-/// Remove a rate limit, concurrency limit, blackout or schedule (audited).
-pub async fn delete_setting(
+    security(("bearer" = ["orch:admin"])))]
+/// Remove a rate limit (audited).
+pub async fn delete_rate_limit(
     State(st): State<AppState>,
     p: Principal,
-    Path((kind, id)): Path<(String, String)>,
+    Path(id): Path<String>,
     MaybeJson(b): MaybeJson<ReasonBody>,
 ) -> Result<Response, ApiError> {
-    let (kind, scope) = deletable(&kind)?;
-    p.require(&[scope])?;
-    change_setting(&st, &p, change(&p, kind, id, Value::Null, b.unwrap_or_default())?, true).await
+    remove(&st, &p, SettingKind::RateLimit, ADMIN, id, b).await
+}
+
+#[utoipa::path(delete, path = "/api/v1/concurrency/{target}", tag = "flow", request_body(content = Option<ReasonBody>, description = "Optional"),
+    params(("target" = String, Path, description = "`queue:<type>` or `source:<source>`")),
+    responses((status = 200, body = ChangeOut), (status = "4XX", body = ErrorEnvelope)),
+    security(("bearer" = ["orch:admin"])))]
+/// Remove a concurrency limit (audited).
+pub async fn delete_concurrency(
+    State(st): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    MaybeJson(b): MaybeJson<ReasonBody>,
+) -> Result<Response, ApiError> {
+    remove(&st, &p, SettingKind::Concurrency, ADMIN, id, b).await
+}
+
+#[utoipa::path(delete, path = "/api/v1/blackouts/{name}", tag = "flow", request_body(content = Option<ReasonBody>, description = "Optional"),
+    params(("name" = String, Path, description = "The blackout's name")),
+    responses((status = 200, body = ChangeOut), (status = "4XX", body = ErrorEnvelope)),
+    security(("bearer" = ["orch:operate"])))]
+/// Remove a blackout (audited).
+pub async fn delete_blackout(
+    State(st): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    MaybeJson(b): MaybeJson<ReasonBody>,
+) -> Result<Response, ApiError> {
+    remove(&st, &p, SettingKind::Blackout, OPERATE, id, b).await
+}
+
+#[utoipa::path(delete, path = "/api/v1/schedules/{name}", tag = "flow", request_body(content = Option<ReasonBody>, description = "Optional"),
+    params(("name" = String, Path, description = "The schedule's name")),
+    responses((status = 200, body = ChangeOut), (status = "4XX", body = ErrorEnvelope)),
+    security(("bearer" = ["orch:admin"])))]
+/// Remove a schedule and its cursor (audited).
+pub async fn delete_schedule(
+    State(st): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    MaybeJson(b): MaybeJson<ReasonBody>,
+) -> Result<Response, ApiError> {
+    remove(&st, &p, SettingKind::Schedule, ADMIN, id, b).await
 }
 
 #[utoipa::path(get, path = "/api/v1/{kind}", tag = "flow",
@@ -302,11 +356,7 @@ pub async fn delete_setting(
     security(("bearer" = ["orch:read"])))]
 /// List rate limits, concurrency limits, pauses, blackouts or schedules.
 pub async fn list(State(st): State<AppState>, p: Principal, Path(kind): Path<String>) -> Result<Response, ApiError> {
-    let kind = match kind.as_str() {
-        "pauses" => SettingKind::Pause,
-        other => deletable(other)?.0,
-    };
-    Ok(list_settings(&st, &p, kind).await?.into_response())
+    Ok(list_settings(&st, &p, listed(&kind)?).await?.into_response())
 }
 
 /// The live state of flow control.
