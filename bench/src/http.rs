@@ -30,8 +30,9 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
-    /// Starts `orchd serve` on a fresh ledger in `dir`.
-    pub fn start(dir: &Path) -> anyhow::Result<Daemon> {
+    /// Starts `orchd serve` on a fresh ledger in `dir`, with a tenant backlog bound of
+    /// `max_queued` (past it, enqueue answers 429).
+    pub fn start(dir: &Path, max_queued: u64) -> anyhow::Result<Daemon> {
         let exe = std::env::current_exe()?.with_file_name("orchd");
         anyhow::ensure!(exe.exists(), "{} is missing: build it (scripts/bench does)", exe.display());
         let db = dir.join("http.db");
@@ -45,7 +46,7 @@ impl Daemon {
             .args(["serve", "--listen", "127.0.0.1:0", "--db"])
             .arg(&db)
             .env("RUST_LOG", "warn")
-            .env("ORCHD_FLOW__MAX_QUEUED_PER_TENANT", "100000000")
+            .env("ORCHD_FLOW__MAX_QUEUED_PER_TENANT", max_queued.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
@@ -194,5 +195,100 @@ impl Daemon {
         v.sort_by(f64::total_cmp);
         let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
         Ok((pct(0.50), pct(0.99)))
+    }
+}
+
+/// What a sustained-load run saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Jobs enqueued and acked.
+    pub enqueued: usize,
+    /// Jobs acked.
+    pub acked: usize,
+    /// Enqueues refused with 429 backpressure (deliberate).
+    pub backpressure: usize,
+    /// Any other non-2xx answer or transport error.
+    pub errors: usize,
+    /// RSS samples, one a second, in MB.
+    pub rss_mb: Vec<f64>,
+}
+
+impl Daemon {
+    /// For `secs`, a producer enqueues batches of 100 as fast as it is allowed while `workers`
+    /// claim 100 and batch-ack; RSS is sampled every second.
+    pub fn load(&self, secs: u64, workers: usize) -> anyhow::Result<LoadReport> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (enqueued, acked, backpressure, errors) =
+            (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+        let mut rss = Vec::new();
+        std::thread::scope(|s| {
+            let stop = &stop;
+            let (enqueued, acked, backpressure, errors) = (&enqueued, &acked, &backpressure, &errors);
+            s.spawn(move || {
+                let agent = Daemon::agent();
+                while !stop.load(Ordering::Relaxed) {
+                    let jobs: Vec<Value> = (0..100).map(|i| json!({"queue": "load", "payload": {"i": i}})).collect();
+                    match self.post(&agent, "/api/v1/jobs/batch", &json!({ "jobs": jobs })) {
+                        Ok(_) => {
+                            enqueued.fetch_add(100, Ordering::Relaxed);
+                        }
+                        Err(e) if e.to_string().contains(" 429 ") => {
+                            backpressure.fetch_add(1, Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+            for w in 0..workers {
+                s.spawn(move || {
+                    let agent = Daemon::agent();
+                    while !stop.load(Ordering::Relaxed) {
+                        let body = json!({"worker_id": format!("load-{w}"), "queues": ["load"], "limit": 100});
+                        let allocs = match self.post(&agent, "/api/v1/claims", &body) {
+                            Ok(v) => v["allocations"].as_array().cloned().unwrap_or_default(),
+                            Err(_) => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                        };
+                        if allocs.is_empty() {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        let items: Vec<Value> = allocs
+                            .iter()
+                            .map(|a| json!({"job_id": a["job"]["id"], "lease_id": a["lease_id"]}))
+                            .collect();
+                        match self.post(&agent, "/api/v1/acks", &json!({ "items": items })) {
+                            Ok(v) => {
+                                let ok = v["items"]
+                                    .as_array()
+                                    .map_or(0, |i| i.iter().filter(|x| x["error"].is_null()).count());
+                                acked.fetch_add(ok, Ordering::Relaxed);
+                                errors.fetch_add(items.len() - ok, Ordering::Relaxed);
+                            }
+                            Err(_) => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+            }
+            for _ in 0..secs {
+                std::thread::sleep(Duration::from_secs(1));
+                rss.push(self.rss().map_or(0.0, |b| b as f64 / 1e6));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        Ok(LoadReport {
+            enqueued: enqueued.into_inner(),
+            acked: acked.into_inner(),
+            backpressure: backpressure.into_inner(),
+            errors: errors.into_inner(),
+            rss_mb: rss,
+        })
     }
 }

@@ -24,6 +24,10 @@ struct Cli {
     /// Worker threads for the HTTP benchmarks.
     #[arg(long, default_value_t = 4)]
     workers: usize,
+    /// Also run a sustained load over HTTP for this many seconds (0: none), reporting errors
+    /// other than backpressure and the daemon's memory over time.
+    #[arg(long, default_value_t = 0)]
+    load_secs: u64,
     /// Skip the HTTP benchmarks (they need the release `orchd` beside this binary).
     #[arg(long)]
     no_http: bool,
@@ -258,7 +262,7 @@ fn main() -> anyhow::Result<()> {
         row("bundle size, bytes", n, bytes.len() as f64, "B", None);
 
         if !cli.no_http {
-            let d = http::Daemon::start(dir.path())?;
+            let d = http::Daemon::start(dir.path(), 100_000_000)?;
             std::thread::sleep(std::time::Duration::from_millis(500));
             row("orchd RSS idle, MB", 0, d.rss()? as f64 / 1e6, "MB", None);
             // All n jobs are queued for the memory figure; the work figures use at most 200k.
@@ -274,6 +278,27 @@ fn main() -> anyhow::Result<()> {
             row("HTTP enqueue->claim p50 at half peak, ms", 0, p50, "ms", None);
             row("HTTP enqueue->claim p99 at half peak, ms", 0, p99, "ms", None);
         }
+    }
+    if cli.load_secs > 0 {
+        let dir = tempfile::tempdir()?;
+        // A backlog bound, so that the producer meets backpressure and the queue stays bounded.
+        let d = http::Daemon::start(dir.path(), 20_000)?;
+        let r = d.load(cli.load_secs, cli.workers)?;
+        let secs = cli.load_secs as f64;
+        let (first, last) = (r.rss_mb.first().copied().unwrap_or(0.0), r.rss_mb.last().copied().unwrap_or(0.0));
+        let max = r.rss_mb.iter().copied().fold(0.0, f64::max);
+        row(&format!("load {}s: jobs acked", cli.load_secs), r.acked, r.acked as f64 / secs, "/s", None);
+        row("load: errors other than backpressure", r.errors, r.errors as f64, "", None);
+        row("load: enqueues refused by backpressure", r.backpressure, r.backpressure as f64, "", None);
+        row("load: RSS after 1 s, MB", 0, first, "MB", None);
+        for q in [1, 2, 3] {
+            let at = r.rss_mb.len() * q / 4;
+            let v = r.rss_mb.get(at).copied().unwrap_or(0.0);
+            row(&format!("load: RSS after {at} s, MB"), 0, v, "MB", None);
+        }
+        row("load: RSS at the end, MB", 0, last, "MB", None);
+        row("load: RSS max, MB", 0, max, "MB", None);
+        row("load: jobs left queued", r.enqueued - r.acked, (r.enqueued - r.acked) as f64, "", None);
     }
     for l in &table {
         println!("{l}");

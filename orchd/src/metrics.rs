@@ -2,7 +2,7 @@
 //! depth and SLO burn rates computed at scrape time. Every series carries a `tenant` label, so a
 //! tenant's scrape can be cut down to its own series (site administrators see all).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use orch_core::failure::classify;
@@ -96,9 +96,12 @@ pub const BURN_WINDOWS: [(&str, i64); 3] = [("5m", 300_000), ("1h", 3_600_000), 
 struct Timing {
     /// Per job: when it was enqueued and when its current attempt started.
     jobs: HashMap<JobId, (Option<Timestamp>, Option<Timestamp>)>,
-    /// Finished jobs in the longest SLO window: (when, tenant, succeeded).
-    finished: VecDeque<(Timestamp, String, bool)>,
+    /// Jobs finished per minute and tenant over the longest SLO window: (all, dead-lettered).
+    /// Memory stays at tenants × 360 minutes whatever the throughput.
+    finished: BTreeMap<(i64, String), (u64, u64)>,
 }
+
+const MINUTE_MS: i64 = 60_000;
 
 /// The daemon's metrics.
 pub struct Metrics {
@@ -188,7 +191,7 @@ impl Metrics {
             bucket_refill,
             rate_limited,
             breakers,
-            timing: Mutex::new(Timing { jobs: HashMap::new(), finished: VecDeque::new() }),
+            timing: Mutex::new(Timing { jobs: HashMap::new(), finished: BTreeMap::new() }),
             objective: objective.clamp(0.0, 0.999_999),
         }
     }
@@ -243,7 +246,9 @@ impl Metrics {
                     self.finished
                         .get_or_create(&OutcomeLabels { tenant: tenant.clone(), queue, outcome: outcome.into() })
                         .inc();
-                    t.finished.push_back((e.at, tenant, ok));
+                    let counts = t.finished.entry((e.at.as_millis().div_euclid(MINUTE_MS), tenant)).or_default();
+                    counts.0 += 1;
+                    counts.1 += u64::from(!ok);
                     t.jobs.remove(&id);
                 }
             }
@@ -252,10 +257,10 @@ impl Metrics {
             }
             _ => {}
         }
-        // Keep the longest window only, and a bounded number of samples.
-        let horizon = e.at.plus_millis(-BURN_WINDOWS[2].1);
-        while t.finished.front().is_some_and(|(at, _, _)| *at < horizon) || t.finished.len() > 500_000 {
-            t.finished.pop_front();
+        // Keep the longest window only.
+        let horizon = e.at.plus_millis(-BURN_WINDOWS[2].1).as_millis().div_euclid(MINUTE_MS);
+        while t.finished.first_key_value().is_some_and(|((minute, _), _)| *minute < horizon) {
+            t.finished.pop_first();
         }
     }
 
@@ -264,12 +269,16 @@ impl Metrics {
     pub fn burn_rates(&self, now: Timestamp) -> Vec<BurnRate> {
         let t = self.timing.lock().unwrap_or_else(|p| p.into_inner());
         let mut per: std::collections::BTreeMap<(String, &'static str), (u64, u64)> = Default::default();
+        // Whole minutes: a window covers the minute it starts in.
+        let now_minute = now.as_millis().div_euclid(MINUTE_MS);
         for (window, ms) in BURN_WINDOWS {
-            let from = now.plus_millis(-ms);
-            for (_, tenant, ok) in t.finished.iter().filter(|(at, _, _)| *at >= from && *at <= now) {
+            let from = now.plus_millis(-ms).as_millis().div_euclid(MINUTE_MS);
+            for ((_, tenant), (all, dead)) in
+                t.finished.range((from, String::new())..).take_while(|((m, _), _)| *m <= now_minute)
+            {
                 let e = per.entry((tenant.clone(), window)).or_default();
-                e.0 += 1;
-                e.1 += u64::from(!ok);
+                e.0 += all;
+                e.1 += dead;
             }
         }
         per.into_iter()
