@@ -121,7 +121,25 @@ pub struct ThrottleDoc {
     pub until: Timestamp,
 }
 
+/// The longest an operator's throttle may last.
+pub const MAX_THROTTLE_MS: u64 = 30 * 86_400_000;
+
 impl RateLimitDoc {
+    /// Starts an operator's throttle: `rate_per_s` (0.001 to 1,000,000) from `now` for
+    /// `for_ms` (1 s to 30 days). The same rules for the API and `orchd throttle`; an error
+    /// names what is wrong: `rate` or `duration`, and why.
+    pub fn throttle(&mut self, rate_per_s: f64, for_ms: u64, now: Timestamp) -> Result<(), (&'static str, String)> {
+        if !(rate_per_s.is_finite() && (0.001..=1_000_000.0).contains(&rate_per_s)) {
+            return Err(("rate", "a throttle's rate must be between 0.001 and 1000000 per second".into()));
+        }
+        if !(1_000..=MAX_THROTTLE_MS).contains(&for_ms) {
+            return Err(("duration", "a throttle lasts 1 s to 30 days".into()));
+        }
+        let until = now.plus_millis(for_ms as i64);
+        self.throttle = Some(ThrottleDoc { rate_milli_per_s: (rate_per_s * 1000.0).round() as u64, until });
+        Ok(())
+    }
+
     /// The bucket in force at `now`.
     pub fn effective(&self, now: Timestamp) -> BucketConfig {
         match &self.throttle {
@@ -213,6 +231,8 @@ struct Rules {
     blackouts: Vec<(String, String, BlackoutDoc)>,
     /// (tenant, source id) → host.
     hosts: HashMap<(String, String), String>,
+    /// Tenants with any rule above (worked out once per load, not per claimed job).
+    limited: BTreeSet<String>,
 }
 
 impl Rules {
@@ -257,6 +277,13 @@ impl Rules {
                 Err(e) => tracing::warn!(tenant = %s.tenant, id = %s.id, error = %e, "ignoring a blackout"),
             }
         }
+        r.limited = (r.rate_limits.keys().map(|k| &k.tenant))
+            .chain(r.quotas.keys().map(|(t, _)| t))
+            .chain(r.concurrency.keys().map(|(t, _)| t))
+            .chain(r.pauses.iter().map(|(t, _)| t))
+            .chain(r.blackouts.iter().map(|(t, _, _)| t))
+            .cloned()
+            .collect();
         Ok(r)
     }
 
@@ -266,12 +293,7 @@ impl Rules {
 
     /// Whether anything at all limits this tenant's claims.
     fn touches(&self, tenant: &str) -> bool {
-        let t = tenant.to_string();
-        self.rate_limits.keys().any(|k| k.tenant == t)
-            || self.quotas.keys().any(|(q, _)| *q == t)
-            || self.concurrency.keys().any(|(c, _)| *c == t)
-            || self.pauses.iter().any(|(p, _)| *p == t)
-            || self.blackouts.iter().any(|(b, _, _)| *b == t)
+        self.limited.contains(tenant)
     }
 }
 

@@ -339,11 +339,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .find(|s| s.id == id)
                 .with_context(|| format!("tenant {tenant} has no rate limit {id}: set one before throttling it"))?;
             let mut doc: orchd::flow::RateLimitDoc = serde_json::from_value(current.doc)?;
-            if !(rate.is_finite() && rate >= 0.001) {
-                anyhow::bail!("--rate must be at least 0.001 tokens per second");
+            if reason.trim().is_empty() {
+                anyhow::bail!("--reason must say why");
             }
-            let until = orch_core::Clock::now(&SystemClock).plus_millis(d.as_millis() as i64);
-            doc.throttle = Some(orchd::flow::ThrottleDoc { rate_milli_per_s: (rate * 1000.0).round() as u64, until });
+            let now = orch_core::Clock::now(&SystemClock);
+            let for_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            doc.throttle(rate, for_ms, now)
+                .map_err(|(_, e)| anyhow::anyhow!("{e} (--rate {rate}, --for {duration})"))?;
+            let until = doc.throttle.as_ref().map(|t| t.until).expect("just set");
             let change = orch_store::SettingChange {
                 tenant,
                 project: "default".into(),

@@ -104,6 +104,11 @@ fn operator_commands_act_on_a_running_daemon_and_are_audited() {
     assert_ne!(code, 0);
     assert!(err.contains("has no rate limit tenant"), "{err}");
     ok(&acme.put("/api/v1/rate-limits/tenant", &json!({"rate_per_s": 50.0, "burst": 10})));
+    // The same bounds as the API: at most 30 days.
+    let (code, _, err) =
+        site.orchd(&["throttle", "--tenant", "acme", "--rate", "0.5", "--for", "31days", "--reason", "too long"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("1 s to 30 days"), "{err}");
     let (code, out, err) =
         site.orchd(&["throttle", "--tenant", "acme", "--rate", "0.5", "--for", "10m", "--reason", "upstream asked"]);
     assert_eq!(code, 0, "{err}");

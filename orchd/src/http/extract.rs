@@ -91,13 +91,21 @@ pub struct PageParams {
     pub cursor: Option<String>,
 }
 
+/// `limit` (or `default`), refused with `422` unless it is between 1 and `max`.
+pub fn limit(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=max).contains(&limit) {
+        return Err(
+            ApiError::invalid(format!("limit must be between 1 and {max}")).with_details(json!({"field": "limit"}))
+        );
+    }
+    Ok(limit)
+}
+
 impl PageParams {
     /// The store's page request, or 400 for a cursor this daemon did not make.
     pub fn page(&self) -> Result<PageRequest, ApiError> {
-        let limit = self.limit.unwrap_or(100);
-        if !(1..=1000).contains(&limit) {
-            return Err(ApiError::invalid("limit must be between 1 and 1000").with_details(json!({"field": "limit"})));
-        }
+        let limit = limit(self.limit, 100, 1000)?;
         let after = match &self.cursor {
             None => 0,
             Some(c) => decode_cursor(c).ok_or_else(|| {

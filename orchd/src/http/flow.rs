@@ -20,7 +20,7 @@ use super::auth::{Principal, ADMIN, OPERATE, READ, WORK};
 use super::error::{ApiError, ErrorEnvelope};
 use super::extract::{paged, ApiJson, MaybeJson, PageParams};
 use super::ops::{change_setting, list_settings, ChangeOut, RunOut, SettingList};
-use crate::flow::{BlackoutDoc, RateLimitDoc, Target, ThrottleDoc};
+use crate::flow::{BlackoutDoc, RateLimitDoc, Target};
 use crate::AppState;
 
 /// Why a control was used (recorded in the audit history).
@@ -152,11 +152,13 @@ pub async fn throttle(
         .find(|s| s.tenant == tenant && s.id == key)
         .ok_or_else(|| ApiError::not_found("no such rate limit: set one before throttling it"))?;
     let mut doc: RateLimitDoc = serde_json::from_value(current.doc).map_err(|e| ApiError::internal(e.to_string()))?;
-    if b.seconds == 0 || b.seconds > 30 * 86_400 || b.reason.trim().is_empty() {
-        return Err(ApiError::invalid("a throttle needs a reason and 1 s to 30 days"));
+    if b.reason.trim().is_empty() {
+        return Err(ApiError::invalid("a throttle needs a reason").with_details(json!({"field": "reason"})));
     }
-    let until = st.clock.now().plus_millis((b.seconds * 1000) as i64);
-    doc.throttle = Some(ThrottleDoc { rate_milli_per_s: milli("rate_per_s", b.rate_per_s)?, until });
+    doc.throttle(b.rate_per_s, b.seconds.saturating_mul(1000), st.clock.now()).map_err(|(what, message)| {
+        let field = if what == "rate" { "rate_per_s" } else { "seconds" };
+        ApiError::invalid(message).with_details(json!({ "field": field }))
+    })?;
     let doc = serde_json::to_value(doc).expect("encodes");
     let why = ReasonBody { reason: Some(b.reason), ticket: b.ticket };
     change_setting(&st, &p, change(&p, SettingKind::RateLimit, id, doc, why)?, false).await
@@ -442,10 +444,7 @@ pub async fn retry_dead(
     ApiJson(b): ApiJson<RetryDeadBody>,
 ) -> Result<Json<RetriedOut>, ApiError> {
     p.require(&[OPERATE])?;
-    let limit = b.limit.unwrap_or(1000);
-    if !(1..=100_000).contains(&limit) {
-        return Err(ApiError::invalid("limit must be between 1 and 100000").with_details(json!({"field": "limit"})));
-    }
+    let limit = super::extract::limit(b.limit, 1000, 100_000)?;
     let (scope, actor) = (p.scope(), p.actor.clone());
     let jobs = st.blocking(move |s| s.retry_dead(&scope, b.queue.as_deref(), &actor, b.reason, limit)).await?;
     Ok(Json(RetriedOut { retried: jobs.len(), ids: jobs.iter().map(|j| j.id).collect() }))

@@ -383,10 +383,7 @@ pub async fn claim(
     ApiJson(body): ApiJson<ClaimBody>,
 ) -> Result<Json<ClaimOut>, ApiError> {
     p.require(&[WORK])?;
-    let limit = body.limit.unwrap_or(1);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid("limit must be between 1 and 1000").with_details(json!({"field": "limit"})));
-    }
+    let limit = super::extract::limit(body.limit, 1, 1000)?;
     let req = ClaimRequest {
         scope: p.scope(),
         queues: body.queues,
