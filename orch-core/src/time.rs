@@ -9,6 +9,10 @@ use std::str::FromStr;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The instants that have a canonical text, whose year has four digits once in UTC:
+/// 0000-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z.
+const CANONICAL: std::ops::RangeInclusive<i64> = -62_167_219_200_000..=253_402_300_799_999;
+
 /// A UTC instant with millisecond precision.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(i64);
@@ -30,10 +34,15 @@ impl Timestamp {
     }
 
     /// Parses an RFC 3339 instant (any offset; converted to UTC, truncated to milliseconds).
+    /// Instants that would need a five-digit or negative year in UTC (`9999-12-31T23:00:00-05:00`)
+    /// are refused: their text could not be read back.
     pub fn parse(s: &str) -> Result<Self, TimestampError> {
-        let dt = DateTime::parse_from_rfc3339(s)
-            .map_err(|e| TimestampError { input: s.to_string(), reason: e.to_string() })?;
-        Ok(Timestamp(dt.timestamp_millis()))
+        let error = |reason: String| TimestampError { input: s.to_string(), reason };
+        let ms = DateTime::parse_from_rfc3339(s).map_err(|e| error(e.to_string()))?.timestamp_millis();
+        if !CANONICAL.contains(&ms) {
+            return Err(error("outside the years 0000 to 9999 (UTC)".into()));
+        }
+        Ok(Timestamp(ms))
     }
 }
 
@@ -114,5 +123,132 @@ mod tests {
         assert_eq!(Timestamp::parse(&t.to_string()).unwrap(), t);
         assert_eq!(Timestamp::from_millis(0).to_string(), "1970-01-01T00:00:00.000Z");
         assert!(Timestamp::parse("yesterday").is_err());
+    }
+
+    // ---- Fuzzing ------------------------------------------------------------------------------
+
+    use proptest::prelude::*;
+
+    /// The first and last instants whose canonical text has the four-digit year the schema's
+    /// pattern allows.
+    const FIRST: i64 = *CANONICAL.start();
+    const LAST: i64 = *CANONICAL.end();
+
+    /// Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's `days_from_civil`), an
+    /// independent check of what chrono computes.
+    fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = if y >= 0 { y } else { y - 399 } / 400;
+        let yoe = y - era * 400;
+        let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+        era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+    }
+
+    fn days_in_month(y: i64, m: i64) -> i64 {
+        match m {
+            2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        }
+    }
+
+    /// The canonical text: `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+    fn is_canonical(s: &str) -> bool {
+        let shape = "dddd-dd-ddTdd:dd:dd.dddZ";
+        s.len() == shape.len() && s.bytes().zip(shape.bytes()).all(|(c, p)| c == p || (p == b'd' && c.is_ascii_digit()))
+    }
+
+    /// Text shaped like RFC 3339, often not quite it.
+    const NEAR_RFC3339: &str = "[0-9]{1,5}-[0-9]{1,2}-[0-9]{1,2}[Tt ][0-9:.]{5,14}([Zz]|[+-][0-9]{2}:?[0-9]{2})?";
+
+    /// A number in `lo..=hi`, often one of the ends (dates and offsets go wrong at the edges).
+    fn edgy(lo: i64, hi: i64) -> impl Strategy<Value = i64> {
+        prop_oneof![3 => lo..=hi, 1 => Just(lo), 1 => Just(hi)]
+    }
+
+    /// An RFC 3339 text built from its parts (a second of 60 being a leap second), and the
+    /// instant it names (milliseconds, the fraction truncated).
+    fn rfc3339() -> impl Strategy<Value = (String, i64)> {
+        (
+            edgy(0, 9999),
+            edgy(1, 12),
+            edgy(1, 31),
+            edgy(0, 23),
+            edgy(0, 59),
+            edgy(0, 60),
+            "[0-9]{0,9}",
+            prop::option::of(edgy(-1439, 1439)),
+        )
+            .prop_map(|(y, mo, d, h, mi, s, frac, offset)| {
+                let d = d.min(days_in_month(y, mo));
+                let zone = match offset {
+                    None => "Z".to_string(),
+                    Some(o) => format!("{}{:02}:{:02}", if o < 0 { '-' } else { '+' }, o.abs() / 60, o.abs() % 60),
+                };
+                let dot = if frac.is_empty() { String::new() } else { format!(".{frac}") };
+                let text = format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{dot}{zone}");
+                let millis: i64 = format!("{frac:0<3}")[..3].parse().unwrap();
+                let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s - offset.unwrap_or(0) * 60;
+                (text, secs * 1000 + millis)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Whatever `parse` accepts, its canonical text gives back: a timestamp read from an API
+        /// body or a flag can always be written to the ledger and read again.
+        #[test]
+        fn accepted_text_round_trips(s in prop_oneof![any::<String>(), NEAR_RFC3339]) {
+            if let Ok(t) = Timestamp::parse(&s) {
+                prop_assert!(is_canonical(&t.to_string()), "{s:?} gives {t}");
+                prop_assert_eq!(Timestamp::parse(&t.to_string()).ok(), Some(t), "{:?}", s);
+            }
+        }
+
+        #[test]
+        fn rfc3339_names_the_instant_computed_independently((text, millis) in rfc3339()) {
+            match Timestamp::parse(&text) {
+                Ok(t) => {
+                    prop_assert_eq!(t.as_millis(), millis, "{}", text);
+                    prop_assert!((FIRST..=LAST).contains(&millis), "{text} is {t}, which has no canonical text");
+                }
+                Err(e) => prop_assert!(!(FIRST..=LAST).contains(&millis), "{text} refused: {e}"),
+            }
+        }
+
+        /// The canonical text round-trips and sorts like the instant.
+        #[test]
+        fn canonical_text_round_trips_and_sorts(a in FIRST..=LAST, b in FIRST..=LAST) {
+            let (ta, tb) = (Timestamp::from_millis(a), Timestamp::from_millis(b));
+            let (sa, sb) = (ta.to_string(), tb.to_string());
+            prop_assert!(is_canonical(&sa), "{}", sa);
+            prop_assert_eq!(Timestamp::parse(&sa).unwrap(), ta);
+            prop_assert_eq!(sa.cmp(&sb), a.cmp(&b), "{} vs {}", sa, sb);
+            let json = serde_json::to_string(&ta).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Timestamp>(&json).unwrap(), ta);
+        }
+
+        /// Outside the canonical range the text is refused, never read as another instant.
+        #[test]
+        fn no_text_reads_back_as_another_instant(ms in any::<i64>()) {
+            let t = Timestamp::from_millis(ms);
+            match Timestamp::parse(&t.to_string()) {
+                Ok(back) => prop_assert_eq!(back, t),
+                Err(_) => prop_assert!(!(FIRST..=LAST).contains(&ms), "{} refused", t),
+            }
+        }
+    }
+
+    #[test]
+    fn the_canonical_range_ends_where_four_digit_years_do() {
+        assert_eq!(Timestamp::from_millis(FIRST).to_string(), "0000-01-01T00:00:00.000Z");
+        assert_eq!(Timestamp::from_millis(LAST).to_string(), "9999-12-31T23:59:59.999Z");
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(
+            days_from_civil(2026, 11, 24) * 86_400_000,
+            Timestamp::parse("2026-11-24T00:00:00Z").unwrap().as_millis()
+        );
     }
 }

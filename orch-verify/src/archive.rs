@@ -7,6 +7,9 @@ use orch_core::bundle::ALL_FILES;
 
 /// The largest bundle (decompressed) this verifier reads: 16 GiB.
 const MAX_TOTAL: u64 = 16 << 30;
+/// The most memory reserved ahead for one entry. A header's size is only a claim (a 1 KiB
+/// archive may declare a 1 TiB entry); beyond this, memory grows with what is actually read.
+const RESERVE_MAX: u64 = 64 << 20;
 
 /// The entries of a bundle, by name, and what was wrong with its shape.
 #[derive(Debug, Default)]
@@ -43,7 +46,7 @@ pub fn read(bytes: &[u8]) -> Result<Entries, String> {
             out.problems.push((name, "not a regular file".into()));
             continue;
         }
-        let mut content = Vec::with_capacity(entry.size() as usize);
+        let mut content = Vec::with_capacity(entry.size().min(RESERVE_MAX) as usize);
         entry.read_to_end(&mut content).map_err(|e| format!("unreadable entry {name}: {e}"))?;
         if let Some(version) = carried {
             if out.roots.insert(version, content).is_some() {

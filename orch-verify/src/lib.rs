@@ -280,7 +280,10 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         cx.fail("chain", bundle::HISTORY, "last line is not newline-terminated");
         chain_ok = false;
     }
-    for (i, line) in history.split(|&b| b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+    // Every line is an event: a blank one is an error, not skipped (`orchd import` refuses it).
+    let body = history.strip_suffix(b"\n").unwrap_or(history);
+    let lines = (!history.is_empty()).then(|| body.split(|&b| b == b'\n')).into_iter().flatten();
+    for (i, line) in lines.enumerate() {
         merkle.push_leaf(line);
         if !chain_ok {
             continue;
@@ -375,7 +378,8 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
     }
     if let (Some(now), Some(max)) = (opts.now, opts.max_age_ms) {
         let age = now - manifest.time_anchor.at;
-        if age > max as i64 {
+        // In i128: an allowed age beyond i64::MAX ms is no limit, not a negative one.
+        if i128::from(age) > i128::from(max) {
             cx.fail(
                 "anchor",
                 "time_anchor",

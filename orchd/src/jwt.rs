@@ -476,4 +476,368 @@ mod tests {
         assert!(matches!(JwtVerifier::from_settings(&s), Err(JwtError::Settings(m)) if m.contains("issuer")));
         assert!(matches!(JwtVerifier::from_jwks(&jwks(), &s), Err(JwtError::Settings(_))));
     }
+
+    // ---- Fuzzing ------------------------------------------------------------------------------
+    // Whatever arrives after `Bearer `, `verify` must not panic, must refuse it with a token
+    // error (never a JWKS or settings one), and may accept only a token its Authority signed,
+    // byte for byte, whose claims pass every check.
+
+    mod fuzz {
+        use std::sync::OnceLock;
+
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Characters mutations draw from: the base64url alphabet, JWT and base64 punctuation,
+        /// whitespace, a NUL and a non-ASCII letter.
+        const CHARS: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ \t\0é";
+        /// What may stick to a token on its way: whitespace, base64 padding, separators.
+        const PADDING: &str = " \t\r\n\0=.";
+        const ED_HEADER: &str = r#"{"alg":"EdDSA","kid":"orch-test-ed25519","typ":"JWT"}"#;
+
+        fn shared() -> &'static JwtVerifier {
+            static V: OnceLock<JwtVerifier> = OnceLock::new();
+            V.get_or_init(verifier)
+        }
+
+        /// One valid token per key of the set, signed once (each valid for ten minutes).
+        fn genuine() -> &'static [String; 2] {
+            static T: OnceLock<[String; 2]> = OnceLock::new();
+            T.get_or_init(|| [ed(&claims()), sign("rsa.pem", Algorithm::RS256, Some("orch-test-rs256"), &claims())])
+        }
+
+        fn b64(bytes: &[u8]) -> String {
+            URL_SAFE_NO_PAD.encode(bytes)
+        }
+
+        /// A token over raw header and payload bytes, really signed by the Ed25519 key of the set.
+        fn signed_raw(header: &[u8], payload: &[u8]) -> String {
+            let key = EncodingKey::from_ed_pem(&std::fs::read(format!("{DIR}/ed25519.pem")).unwrap()).unwrap();
+            let message = format!("{}.{}", b64(header), b64(payload));
+            let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::EdDSA).unwrap();
+            format!("{message}.{sig}")
+        }
+
+        /// Refusals of fuzzed tokens are token errors, which the API maps to 401.
+        fn token_error(e: &JwtError) -> Result<(), TestCaseError> {
+            prop_assert!(e.code().starts_with("token_"), "{e:?} has code {}", e.code());
+            Ok(())
+        }
+
+        /// `verify` refuses `token` unless it is one of the genuine tokens.
+        fn only_genuine_passes(token: &str) -> Result<(), TestCaseError> {
+            match shared().verify(token) {
+                Ok(p) => prop_assert!(genuine().iter().any(|g| g == token), "accepted {token:?} as {p:?}"),
+                Err(e) => token_error(&e)?,
+            }
+            Ok(())
+        }
+
+        /// What an accepted token's claims must say, by the module's contract: `sub` and the
+        /// tenant are non-empty strings, `iss` and `aud` name ours, `exp` has not passed and `nbf`
+        /// has, and the scopes are those of `scope` and `scp`.
+        fn contract_holds(c: &Value, p: &JwtPrincipal) -> Result<(), TestCaseError> {
+            let names = |v: &Value, want: &str| v == want || v.as_array().is_some_and(|a| a.iter().any(|x| x == want));
+            let (now, leeway) = (now(), settings().leeway_s as i64);
+            prop_assert!(c["sub"].as_str().is_some_and(|s| !s.is_empty() && s == p.subject), "sub of {c}");
+            prop_assert!(c["tenant"].as_str().is_some_and(|s| !s.is_empty() && s == p.tenant), "tenant of {c}");
+            prop_assert!(names(&c["iss"], "https://authority.test"), "iss of {c}");
+            prop_assert!(names(&c["aud"], "orchd"), "aud of {c}");
+            prop_assert!(c["exp"].as_i64().is_some_and(|e| e == p.expires_at && e >= now - leeway - 5), "exp of {c}");
+            prop_assert!(c["nbf"].is_null() || c["nbf"].as_f64().is_some_and(|n| n <= (now + leeway + 5) as f64));
+            let mut scopes: Vec<String> = Vec::new();
+            for name in ["scope", "scp"] {
+                match c.get(name) {
+                    None => {}
+                    Some(Value::String(s)) => scopes.extend(s.split_whitespace().map(str::to_string)),
+                    Some(Value::Array(items)) if name == "scp" => {
+                        for item in items {
+                            prop_assert!(item.is_string(), "scp item {} of {}", item, c);
+                            scopes.push(item.as_str().unwrap_or_default().to_string());
+                        }
+                    }
+                    Some(other) => prop_assert!(false, "{} {} of {}", name, other, c),
+                }
+            }
+            scopes.sort();
+            scopes.dedup();
+            prop_assert_eq!(&scopes, &p.scopes, "scopes of {}", c);
+            Ok(())
+        }
+
+        #[derive(Debug, Clone)]
+        enum Edit {
+            Replace(prop::sample::Index, char),
+            Insert(prop::sample::Index, char),
+            Delete(prop::sample::Index),
+            SwapWithNext(prop::sample::Index),
+            Truncate(prop::sample::Index),
+            /// Appends a copy of one of the three segments (`.`-joined).
+            RepeatSegment(prop::sample::Index),
+            /// Adds a character at the start (`false`) or the end (`true`).
+            Pad(bool, char),
+        }
+
+        fn edit() -> impl Strategy<Value = Edit> {
+            let ch = prop::sample::select(CHARS.chars().collect::<Vec<_>>());
+            prop_oneof![
+                4 => (any::<prop::sample::Index>(), ch.clone()).prop_map(|(i, c)| Edit::Replace(i, c)),
+                2 => (any::<prop::sample::Index>(), ch).prop_map(|(i, c)| Edit::Insert(i, c)),
+                2 => any::<prop::sample::Index>().prop_map(Edit::Delete),
+                1 => any::<prop::sample::Index>().prop_map(Edit::SwapWithNext),
+                1 => any::<prop::sample::Index>().prop_map(Edit::Truncate),
+                1 => any::<prop::sample::Index>().prop_map(Edit::RepeatSegment),
+                2 => (any::<bool>(), prop::sample::select(PADDING.chars().collect::<Vec<_>>()))
+                    .prop_map(|(end, c)| Edit::Pad(end, c)),
+            ]
+        }
+
+        fn apply(token: &str, edits: &[Edit]) -> String {
+            let mut t: Vec<char> = token.chars().collect();
+            for e in edits {
+                let n = t.len();
+                if n == 0 {
+                    break;
+                }
+                match e {
+                    Edit::Replace(i, c) => t[i.index(n)] = *c,
+                    Edit::Insert(i, c) => t.insert(i.index(n + 1), *c),
+                    Edit::Delete(i) => {
+                        t.remove(i.index(n));
+                    }
+                    Edit::SwapWithNext(i) => {
+                        let i = i.index(n);
+                        t.swap(i, (i + 1) % n);
+                    }
+                    Edit::Truncate(i) => t.truncate(i.index(n)),
+                    Edit::RepeatSegment(i) => {
+                        let text: String = t.iter().collect();
+                        let segments: Vec<&str> = text.split('.').collect();
+                        let again = format!(".{}", segments[i.index(segments.len())]);
+                        t.extend(again.chars());
+                    }
+                    Edit::Pad(false, c) => t.insert(0, *c),
+                    Edit::Pad(true, c) => t.push(*c),
+                }
+            }
+            t.into_iter().collect()
+        }
+
+        /// A JSON value of the kinds claims are made of, often the right one for some claim.
+        fn claim_value() -> impl Strategy<Value = Value> {
+            let now = now();
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                prop::sample::select(vec![
+                    json!(""),
+                    json!("svc"),
+                    json!("acme"),
+                    json!("*"),
+                    json!("orchd"),
+                    json!("https://authority.test"),
+                    json!("https://authority.test/"),
+                    json!("orch:read orch:admin"),
+                    json!(now + 600),
+                    json!(now - 10),
+                    json!(now - 3600),
+                    json!(now + 3600),
+                    json!((now + 600) as f64 + 0.5),
+                    json!(0),
+                    json!(-1),
+                    json!(u64::MAX),
+                    json!(i64::MIN),
+                    json!(1e300),
+                ]),
+                any::<i64>().prop_map(|n| json!(n)),
+                "[a-z:* ]{0,12}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(2, 8, 3, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                    prop::collection::btree_map("[a-z]{1,3}", inner, 0..3)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        const CLAIMS: [&str; 10] = ["sub", "tenant", "iss", "aud", "exp", "nbf", "scope", "scp", "iat", "jti"];
+
+        /// Well-typed values a claim must not have (`exp`: passed; `nbf`: not yet), or that are
+        /// of the wrong type.
+        fn wrong(claim: &str) -> Vec<Value> {
+            let now = now();
+            match claim {
+                "sub" => vec![json!(""), json!(7), json!(["svc"])],
+                "tenant" => vec![json!(""), json!(null), json!(["acme"]), json!(1)],
+                "iss" => vec![json!("https://evil.test"), json!("https://authority.test/"), json!(["x"]), json!("")],
+                "aud" => vec![json!("someone"), json!(["other"]), json!([]), json!(""), json!("ORCHD")],
+                "exp" => vec![json!(now - 3600), json!(now - 31), json!(now as f64 + 600.5), json!("2099"), json!(-1)],
+                "nbf" => vec![json!(now + 3600), json!(now + 36), json!("now")],
+                "scope" => vec![json!(["orch:read"]), json!(7), json!(null)],
+                "scp" => vec![json!([1]), json!({}), json!(null), json!("")],
+                _ => vec![json!(null)],
+            }
+        }
+
+        /// Claims as JSON text: valid claims with one made wrong, valid claims with others set or
+        /// removed at random, or members drawn at random; sometimes with a name repeated.
+        fn claims_text() -> impl Strategy<Value = Vec<u8>> {
+            let member = || (prop::sample::select(&CLAIMS[..]), claim_value());
+            let one_wrong = (valid_claims(), prop::sample::select(&CLAIMS[..8]), any::<prop::sample::Index>())
+                .prop_map(|(mut c, k, i)| {
+                    let w = wrong(k);
+                    c[k] = w[i.index(w.len())].clone();
+                    c
+                });
+            let edited = (valid_claims(), prop::collection::vec((member(), prop::bool::weighted(0.2)), 1..3)).prop_map(
+                |(mut c, edits)| {
+                    let obj = c.as_object_mut().unwrap();
+                    for ((k, v), remove) in edits {
+                        if remove {
+                            obj.remove(k);
+                        } else {
+                            obj.insert(k.to_string(), v);
+                        }
+                    }
+                    c
+                },
+            );
+            let random = prop::collection::btree_map(prop::sample::select(&CLAIMS[..]), claim_value(), 0..8)
+                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()));
+            let member_text = |k: &str, v: &Value| format!("{}:{v}", Value::String(k.to_string()));
+            (prop_oneof![3 => one_wrong, 2 => edited, 1 => random], prop::option::weighted(0.15, member())).prop_map(
+                move |(c, repeated)| {
+                    let mut body: Vec<String> = c.as_object().unwrap().iter().map(|(k, v)| member_text(k, v)).collect();
+                    if let Some((k, v)) = repeated {
+                        body.insert(0, member_text(k, &v));
+                    }
+                    format!("{{{}}}", body.join(",")).into_bytes()
+                },
+            )
+        }
+
+        /// Claims that pass every check, with optional claims and unknown ones mixed in.
+        fn valid_claims() -> impl Strategy<Value = Value> {
+            let now = now();
+            let scopes = "(orch:[a-z]{1,8})( orch:[a-z]{1,8}){0,3}";
+            (
+                "[a-zA-Z0-9@._-]{1,16}",
+                "[a-z*][a-z0-9-]{0,12}",
+                prop_oneof![Just(json!("orchd")), Just(json!(["other", "orchd"]))],
+                now..(now + 100_000),
+                prop::option::of((now - 100_000)..(now + 20)),
+                prop::option::of(scopes),
+                prop::option::of(prop_oneof![
+                    scopes.prop_map(Value::String),
+                    prop::collection::vec("orch:[a-z]{1,8}", 0..4).prop_map(|v| json!(v)),
+                ]),
+                prop::collection::btree_map("x-[a-z]{1,6}", claim_value(), 0..3),
+            )
+                .prop_map(|(sub, tenant, aud, exp, nbf, scope, scp, extra)| {
+                    let mut c = json!({"sub": sub, "tenant": tenant, "iss": "https://authority.test", "aud": aud,
+                                       "exp": exp});
+                    let optional = [("nbf", nbf.map(|n| json!(n))), ("scope", scope.map(Value::String)), ("scp", scp)];
+                    let obj = c.as_object_mut().unwrap();
+                    obj.extend(optional.into_iter().filter_map(|(k, v)| Some((k.to_string(), v?))));
+                    obj.extend(extra);
+                    c
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_strings_are_refused(s in prop_oneof![any::<String>(), "[A-Za-z0-9_.=+/ -]{0,120}"]) {
+                let e = shared().verify(&s).expect_err("a random string is not a signed token");
+                token_error(&e)?;
+            }
+
+            #[test]
+            fn three_base64url_segments_are_refused(
+                parts in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..48), 3),
+                header in prop::option::of(prop::sample::select(vec![
+                    ED_HEADER,
+                    r#"{"alg":"RS256","kid":"orch-test-rs256"}"#,
+                    r#"{"alg":"EdDSA"}"#,
+                    r#"{"alg":"none","kid":"orch-test-ed25519"}"#,
+                    r#"{"alg":"HS256","kid":"orch-test-ed25519"}"#,
+                ])),
+            ) {
+                let head = header.map_or_else(|| b64(&parts[0]), |h| b64(h.as_bytes()));
+                let token = format!("{head}.{}.{}", b64(&parts[1]), b64(&parts[2]));
+                let e = shared().verify(&token).expect_err("nobody signed these segments");
+                token_error(&e)?;
+            }
+
+            #[test]
+            fn signed_garbage_claims_are_refused_unless_they_keep_the_contract(
+                payload in prop_oneof![4 => claims_text(), 1 => prop::collection::vec(any::<u8>(), 0..64)],
+            ) {
+                match shared().verify(&signed_raw(ED_HEADER.as_bytes(), &payload)) {
+                    Ok(p) => contract_holds(&serde_json::from_slice(&payload).unwrap(), &p)?,
+                    Err(e) => token_error(&e)?,
+                }
+            }
+
+            #[test]
+            fn signed_valid_claims_are_accepted(c in valid_claims()) {
+                let p = shared().verify(&ed(&c));
+                prop_assert!(p.is_ok(), "{c} refused: {p:?}");
+                contract_holds(&c, &p.unwrap())?;
+            }
+
+            #[test]
+            fn mutated_genuine_tokens_are_refused(which in 0..2usize, edits in prop::collection::vec(edit(), 1..4)) {
+                only_genuine_passes(&apply(&genuine()[which], &edits))?;
+            }
+
+            #[test]
+            fn lenient_base64url_decoding_agrees_with_the_strict_one(
+                s in "[A-Za-z0-9_-]{0,40}",
+                bytes in any::<Vec<u8>>(),
+            ) {
+                if let Ok(strict) = URL_SAFE_NO_PAD.decode(&s) {
+                    prop_assert_eq!(b64url_decode(&s), Some(strict));
+                }
+                prop_assert_eq!(b64url_decode(&b64(&bytes)), Some(bytes));
+            }
+        }
+
+        #[test]
+        fn every_truncation_and_padding_of_a_genuine_token_is_refused() {
+            for token in genuine() {
+                assert!(shared().verify(token).is_ok(), "the untouched token passes");
+                let padded = PADDING.chars().flat_map(|c| [format!("{c}{token}"), format!("{token}{c}")]);
+                let cut =
+                    (0..token.len()).flat_map(|end| [token[..end].to_string(), token[token.len() - end..].to_string()]);
+                for t in padded.chain(cut) {
+                    let e = shared().verify(&t).expect_err(&t);
+                    assert!(e.code().starts_with("token_"), "{t:?}: {e:?}");
+                }
+            }
+        }
+
+        /// The last character of a base64url segment carries spare bits; a decoder that ignored
+        /// them would accept several spellings of one signature.
+        #[test]
+        fn no_other_last_character_of_any_segment_passes() {
+            const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            for token in genuine() {
+                let ends: Vec<usize> =
+                    token.match_indices('.').map(|(i, _)| i).chain([token.len()]).map(|i| i - 1).collect();
+                assert_eq!(ends.len(), 3);
+                for end in ends {
+                    for c in ALPHABET.chars().filter(|&c| c != token[end..].chars().next().unwrap()) {
+                        let t = format!("{}{c}{}", &token[..end], &token[end + 1..]);
+                        assert!(shared().verify(&t).is_err(), "{t} passes");
+                    }
+                }
+            }
+        }
+    }
 }
