@@ -33,18 +33,22 @@ impl Daemon {
     /// Starts `orchd serve` on a fresh ledger in `dir`, with a tenant backlog bound of
     /// `max_queued` (past it, enqueue answers 429).
     pub fn start(dir: &Path, max_queued: u64) -> anyhow::Result<Daemon> {
+        Daemon::start_on(dir.join("http.db").as_os_str(), max_queued)
+    }
+
+    /// [`Daemon::start`] on the ledger `db` (a file or a `postgres://` URL, maybe shared).
+    pub fn start_on(db: &std::ffi::OsStr, max_queued: u64) -> anyhow::Result<Daemon> {
         let exe = std::env::current_exe()?.with_file_name("orchd");
         anyhow::ensure!(exe.exists(), "{} is missing: build it (scripts/bench does)", exe.display());
-        let db = dir.join("http.db");
         let out = Command::new(&exe)
             .args(["token", "create", "--tenant", "bench", "--scopes", "orch:work,orch:read", "--db"])
-            .arg(&db)
+            .arg(db)
             .output()?;
         anyhow::ensure!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
         let token = String::from_utf8(out.stdout)?.trim().to_string();
         let mut child = Command::new(&exe)
             .args(["serve", "--listen", "127.0.0.1:0", "--db"])
-            .arg(&db)
+            .arg(db)
             .env("RUST_LOG", "warn")
             .env("ORCHD_FLOW__MAX_QUEUED_PER_TENANT", max_queued.to_string())
             .stdout(Stdio::piped())
@@ -101,49 +105,8 @@ impl Daemon {
     /// when `batch` > 1) until `n` jobs are done; returns jobs/s. Claims never ask for more
     /// than is left of `n`, so the queue keeps what later measurements need.
     pub fn work(&self, queue: &str, n: usize, workers: usize, batch: usize) -> anyhow::Result<f64> {
-        let reserved = Arc::new(AtomicUsize::new(0));
-        let t = Instant::now();
-        std::thread::scope(|s| -> anyhow::Result<()> {
-            let handles: Vec<_> = (0..workers)
-                .map(|w| {
-                    let reserved = reserved.clone();
-                    s.spawn(move || -> anyhow::Result<()> {
-                        let agent = Daemon::agent();
-                        loop {
-                            let Ok(before) = reserved.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| {
-                                (r < n).then(|| r + batch.min(n - r))
-                            }) else {
-                                return Ok(());
-                            };
-                            let want = batch.min(n - before);
-                            let body = json!({"worker_id": format!("bench-{w}"), "queues": [queue], "limit": want});
-                            let got = self.post(&agent, "/api/v1/claims", &body)?;
-                            let allocs = got["allocations"].as_array().cloned().unwrap_or_default();
-                            anyhow::ensure!(!allocs.is_empty(), "the queue ran dry before {n} jobs");
-                            reserved.fetch_sub(want - allocs.len(), Ordering::SeqCst);
-                            if batch == 1 {
-                                let a = &allocs[0];
-                                let path = format!("/api/v1/jobs/{}/ack", a["job"]["id"]);
-                                self.post(&agent, &path, &json!({"lease_id": a["lease_id"]}))?;
-                            } else {
-                                let items: Vec<Value> = allocs
-                                    .iter()
-                                    .map(|a| json!({"job_id": a["job"]["id"], "lease_id": a["lease_id"]}))
-                                    .collect();
-                                self.post(&agent, "/api/v1/acks", &json!({ "items": items }))?;
-                            }
-                        }
-                    })
-                })
-                .collect();
-            for h in handles {
-                h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))??;
-            }
-            Ok(())
-        })?;
-        Ok(n as f64 / t.elapsed().as_secs_f64())
+        work_across(&[self], queue, n, workers, batch)
     }
-
     /// A producer enqueues one job at a time at `rate`/s for `secs`, while `workers` claim one
     /// at a time and ack; returns the (p50, p99) of enqueue→claim latency in milliseconds.
     pub fn latency(&self, queue: &str, rate: f64, secs: f64, workers: usize) -> anyhow::Result<(f64, f64)> {
@@ -196,6 +159,60 @@ impl Daemon {
         let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
         Ok((pct(0.50), pct(0.99)))
     }
+}
+
+/// [`Daemon::work`] with the worker threads spread over several daemons of one ledger.
+pub fn work_across(daemons: &[&Daemon], queue: &str, n: usize, workers: usize, batch: usize) -> anyhow::Result<f64> {
+    let reserved = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let reserved = reserved.clone();
+                let d = daemons[w % daemons.len()];
+                s.spawn(move || -> anyhow::Result<()> {
+                    let agent = Daemon::agent();
+                    let mut empty = 0;
+                    loop {
+                        let Ok(before) = reserved.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| {
+                            (r < n).then(|| r + batch.min(n - r))
+                        }) else {
+                            return Ok(());
+                        };
+                        let want = batch.min(n - before);
+                        let body = json!({"worker_id": format!("bench-{w}"), "queues": [queue], "limit": want});
+                        let got = d.post(&agent, "/api/v1/claims", &body)?;
+                        let allocs = got["allocations"].as_array().cloned().unwrap_or_default();
+                        reserved.fetch_sub(want - allocs.len(), Ordering::SeqCst);
+                        if allocs.is_empty() {
+                            // Another daemon's claims may hold the last jobs for a moment.
+                            empty += 1;
+                            anyhow::ensure!(empty < 1_000, "the queue ran dry before {n} jobs");
+                            std::thread::sleep(Duration::from_millis(1));
+                            continue;
+                        }
+                        empty = 0;
+                        if batch == 1 {
+                            let a = &allocs[0];
+                            let path = format!("/api/v1/jobs/{}/ack", a["job"]["id"]);
+                            d.post(&agent, &path, &json!({"lease_id": a["lease_id"]}))?;
+                        } else {
+                            let items: Vec<Value> = allocs
+                                .iter()
+                                .map(|a| json!({"job_id": a["job"]["id"], "lease_id": a["lease_id"]}))
+                                .collect();
+                            d.post(&agent, "/api/v1/acks", &json!({ "items": items }))?;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
 /// What a sustained-load run saw.

@@ -31,6 +31,11 @@ struct Cli {
     /// Skip the HTTP benchmarks (they need the release `orchd` beside this binary).
     #[arg(long)]
     no_http: bool,
+    /// Also measure orchd on this PostgreSQL database (a `postgres://` URL or key=value
+    /// string): HTTP claim+ack with one and with two orchd processes sharing one ledger, each
+    /// run in a schema of its own that is dropped afterwards.
+    #[arg(long)]
+    postgres: Option<String>,
     /// Where to write the results.
     #[arg(long, default_value = "target/bench/results.json")]
     out: std::path::PathBuf,
@@ -161,6 +166,41 @@ fn raw_claim_ack(path: &Path, n: usize, batch: usize, batched_acks: bool) -> any
     Ok(per_sec(n, t))
 }
 
+/// A schema of its own for a PostgreSQL measurement.
+mod pg_bench {
+    pub struct Schema {
+        name: String,
+        base: String,
+    }
+
+    impl Schema {
+        pub fn new(base: &str) -> anyhow::Result<Schema> {
+            anyhow::ensure!(
+                base.starts_with("postgres://") || base.starts_with("postgresql://"),
+                "--postgres takes a postgres:// URL"
+            );
+            let name = format!("orch_bench_{}", std::process::id());
+            let mut c = postgres::Client::connect(base, postgres::NoTls)?;
+            c.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"))?;
+            Ok(Schema { name, base: base.to_string() })
+        }
+
+        /// The base connection string with the schema as its search path.
+        pub fn url(&self, base: &str) -> String {
+            let sep = if base.contains('?') { '&' } else { '?' };
+            format!("{base}{sep}options=-c%20search_path%3D{}", self.name)
+        }
+    }
+
+    impl Drop for Schema {
+        fn drop(&mut self) {
+            if let Ok(mut c) = postgres::Client::connect(&self.base, postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+            }
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut rows: Vec<Value> = Vec::new();
@@ -277,6 +317,42 @@ fn main() -> anyhow::Result<()> {
             let (p50, p99) = d.latency("latency", peak / 2.0, 5.0, w)?;
             row("HTTP enqueue->claim p50 at half peak, ms", 0, p50, "ms", None);
             row("HTTP enqueue->claim p99 at half peak, ms", 0, p99, "ms", None);
+        }
+    }
+    if let Some(pg) = &cli.postgres {
+        let n = cli.jobs.iter().copied().max().unwrap_or(10_000).min(100_000);
+        let w = cli.workers;
+        for procs in [1usize, 2] {
+            let schema = pg_bench::Schema::new(pg)?;
+            let url = schema.url(pg);
+            let daemons = (0..procs)
+                .map(|_| http::Daemon::start_on(std::ffi::OsStr::new(&url), 100_000_000))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let ds: Vec<&http::Daemon> = daemons.iter().collect();
+            row(
+                &format!("PostgreSQL: HTTP enqueue, batches of 1000, {procs} orchd"),
+                n,
+                ds[0].enqueue("pg", n)?,
+                "/s",
+                None,
+            );
+            let rate = http::work_across(&ds, "pg", n / 2, w * procs, 100)?;
+            row(
+                &format!("PostgreSQL: HTTP claim+ack, batch 100, {procs} orchd, {} workers", w * procs),
+                n / 2,
+                rate,
+                "/s",
+                None,
+            );
+            let single = (n / 2).min(10_000);
+            let rate = http::work_across(&ds, "pg", single, w * procs, 1)?;
+            row(
+                &format!("PostgreSQL: HTTP claim+ack, 1 per request, {procs} orchd, {} workers", w * procs),
+                single,
+                rate,
+                "/s",
+                None,
+            );
         }
     }
     if cli.load_secs > 0 {

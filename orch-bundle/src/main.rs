@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use orch_core::bundle::{RedactionPolicy, Redactor};
 use orch_core::trust::{Root, SigningKey};
 use orch_core::Timestamp;
-use orch_store::{Scope, SqliteStore};
+use orch_store::Scope;
 
 /// orch-bundle — deterministic, signed audit bundles of an orch ledger.
 #[derive(Parser)]
@@ -38,9 +38,9 @@ enum Command {
     Root(RootCommand),
     /// Export a signed bundle from a ledger (safe while orchd runs).
     Export {
-        /// Ledger file.
+        /// Ledger: a SQLite file or a `postgres://` URL.
         #[arg(long)]
-        db: PathBuf,
+        db: orch_store::Location,
         /// Signing key (repeat for several signatures).
         #[arg(long = "key", required = true)]
         keys: Vec<PathBuf>,
@@ -186,9 +186,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             redaction_key,
             json,
         } => {
-            if !db.exists() {
-                bail!("{}: no such ledger", db.display());
-            }
             let keys =
                 keys.iter().map(|p| orch_bundle::keys::read_signing_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
             let previous = previous.map(|p| orch_bundle::keys::previous_link(&p)).transpose()?;
@@ -198,8 +195,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => Vec::new(),
             };
             let store =
-                SqliteStore::open(&db, Arc::new(orch_bundle::keys::NoClock), Default::default(), Default::default())
-                    .with_context(|| format!("opening {}", db.display()))?;
+                match db.open(Arc::new(orch_bundle::keys::NoClock), Default::default(), Default::default(), false) {
+                    Err(orch_store::StoreError::Missing { what: "ledger", .. }) => bail!("{db}: no such ledger"),
+                    r => r.with_context(|| format!("opening {db}"))?,
+                };
             // A progress bar on stderr, only when a person is watching.
             let bar = std::io::stderr().is_terminal().then(|| {
                 let bar = indicatif::ProgressBar::new(0);
@@ -221,7 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 previous,
                 origin,
             };
-            let exported = orch_bundle::export_with_progress(&store, opts, &mut |done, total| {
+            let exported = orch_bundle::export_with_progress(&*store, opts, &mut |done, total| {
                 if let Some(bar) = &bar {
                     bar.set_length(total);
                     bar.set_position(done);

@@ -762,29 +762,46 @@ pub fn ack_many_item_by_item(h: Harness) {
     assert_ledger_ok(&h);
 }
 
-/// Expands to one `#[test]` per conformance case for a backend, given an [`Opener`] expression.
+/// Expands to one `#[test]` per conformance case for a backend, given an [`Opener`] expression;
+/// optionally a function that says why the backend cannot be tested here (`skip = f`: when it
+/// gives `Some(reason)`, each case prints it and passes without testing) and how many random
+/// operation sequences the replay property tries (`cases = n`, default 64).
 #[macro_export]
 macro_rules! store_conformance {
     ($open:expr) => {
-        $crate::store_conformance!(@cases $open;
+        $crate::store_conformance!($open, skip = || -> Option<String> { None }, cases = 64);
+    };
+    ($open:expr, skip = $skip:expr) => {
+        $crate::store_conformance!($open, skip = $skip, cases = 64);
+    };
+    ($open:expr, skip = $skip:expr, cases = $cases:expr) => {
+        $crate::store_conformance!(@cases $open; $skip;
             enqueue_claim_heartbeat_ack, fail_retry_dead_letter, lease_expiry_reclaim,
             idempotent_enqueue, stale_lease_rejected, claim_order_and_run_after,
             tenant_isolation, bad_input_changes_nothing, cancel_and_conflicts, pagination,
             dag_dependencies, claim_gate, incidents_reconcile, ack_many_item_by_item);
 
         proptest::proptest! {
-            #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+            #![proptest_config(proptest::prelude::ProptestConfig::with_cases($cases))]
             /// Replaying the history of any operation sequence reproduces the jobs table.
             #[test]
             fn replay_reproduces_jobs(ops in $crate::conformance::ops()) {
+                if let Some(why) = ($skip)() {
+                    eprintln!("SKIP: {why}");
+                    return Ok(());
+                }
                 $crate::conformance::replay_reproduces_jobs($crate::conformance::harness($open), ops);
             }
         }
     };
-    (@cases $open:expr; $($case:ident),*) => {
+    (@cases $open:expr; $skip:expr; $($case:ident),*) => {
         $(
             #[test]
             fn $case() {
+                if let Some(why) = ($skip)() {
+                    eprintln!("SKIP: {why}");
+                    return;
+                }
                 $crate::conformance::$case($crate::conformance::harness($open));
             }
         )*

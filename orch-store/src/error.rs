@@ -75,9 +75,20 @@ pub enum StoreError {
     /// Stored data does not decode or does not follow the rules: the ledger was altered outside orchd.
     #[error("corrupt ledger: {0}")]
     Corrupt(String),
-    /// The database refused an operation.
+    /// The PostgreSQL schema holds tables, but not an orch ledger.
+    #[error("{url}: the database (schema {schema:?}) holds tables, but not an orch ledger")]
+    NotALedgerSchema {
+        /// The server and database (without password).
+        url: String,
+        /// The schema.
+        schema: String,
+    },
+    /// The SQLite database refused an operation.
     #[error("database error: {0}")]
     Backend(#[from] rusqlite::Error),
+    /// The PostgreSQL server refused an operation, or could not be reached.
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] postgres::Error),
 }
 
 impl StoreError {
@@ -89,7 +100,7 @@ impl StoreError {
             StoreError::Conflict { .. } | StoreError::Refused(_) => "conflict",
             StoreError::Invalid(_) => "invalid_request",
             StoreError::NotADatabase { .. } => "not_a_database",
-            StoreError::NotALedger { .. } => "not_a_ledger",
+            StoreError::NotALedger { .. } | StoreError::NotALedgerSchema { .. } => "not_a_ledger",
             StoreError::SchemaTooNew { .. } => "schema_too_new",
             StoreError::Corrupt(_) => "corrupt_ledger",
             StoreError::Backend(e) => match e.sqlite_error_code() {
@@ -98,6 +109,19 @@ impl StoreError {
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => "busy",
                 _ => "backend_error",
             },
+            StoreError::Postgres(e) => match e.code().map(postgres::error::SqlState::code) {
+                Some("53100") => "storage_full",
+                Some("25006") => "read_only",
+                // Serialisation failures, deadlocks, lock timeouts, shutdowns, too many clients.
+                Some("40001" | "40P01" | "55P03" | "57P01" | "57P03" | "53300") => "busy",
+                Some(_) => "backend_error",
+                None => "unavailable",
+            },
         }
+    }
+
+    /// Whether the database itself failed (rather than the request or the ledger's rules).
+    pub fn is_backend(&self) -> bool {
+        matches!(self, StoreError::Backend(_) | StoreError::Postgres(_))
     }
 }

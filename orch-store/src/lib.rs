@@ -1,19 +1,29 @@
 //! The orch ledger store: the [`Store`] trait, whose domain verbs are everything the daemon,
-//! the exporter and the importer may do to a ledger, and its SQLite backend ([`SqliteStore`]).
+//! the exporter and the importer may do to a ledger, and its two backends: SQLite
+//! ([`SqliteStore`], one file, one daemon) and PostgreSQL ([`PgStore`], one database that
+//! several daemons share). The ledger's rules are written once (module `ledger`); a backend
+//! supplies rows.
 //!
 //! Every state change goes through [`orch_core::apply`] and is written together with its
 //! hash-chained history event in one transaction: a job row is always what its events say.
 //! Methods are synchronous; async callers run them on a blocking thread.
 #![deny(missing_docs)]
 
+mod copy;
 mod error;
+mod ledger;
+mod location;
+mod pg;
 mod sqlite;
 mod types;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use copy::{copy_ledger, CopyReport};
 pub use error::StoreError;
+pub use location::Location;
+pub use pg::{PgStore, PG_SCHEMA_VERSION};
 pub use sqlite::{SqliteStore, Synchronous, SCHEMA_VERSION};
 pub use types::*;
 
@@ -228,6 +238,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Moves a publisher's cursor forward.
     fn set_publisher_cursor(&self, name: &str, seq: u64) -> Result<(), StoreError>;
+
+    /// Whether this process should run the ledger's once-per-site services now (lease reaper,
+    /// scheduler, incident checks, webhook and NATS delivery). A backend that several daemons
+    /// share elects one of them; a backend only one daemon can open always leads.
+    fn leads(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
 }
 
 /// A consistent view of a ledger for export and checking.

@@ -1,15 +1,20 @@
 //! The SQLite backend: one file in WAL mode, numbered migrations, one writer connection and a
 //! small pool of readers. All SQL of the SQLite backend lives in this module.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use orch_core::hash::GENESIS_HASH;
-use orch_core::{apply, Artifact, Clock, Event, EventDraft, EventKind, Job, JobId, JobSpec, JobState, TransitionError};
+use orch_core::throttle::ThrottleRecord;
+use orch_core::{Artifact, Clock, Event, Job, JobId};
 use rusqlite::{params, params_from_iter, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 use tracing::instrument;
 
+use crate::ledger::{self, Tx, Writer};
+use crate::ledger::{
+    check_run, check_token, check_webhook, decode_event, decode_job, decode_throttle, delivery_status, failure_record,
+    new_token,
+};
 use crate::types::*;
 use crate::{SnapshotReader, Store, StoreError};
 
@@ -132,16 +137,53 @@ impl SqliteStore {
     }
 
     /// Runs `f` in one immediate (write-locked) transaction; commits only if it succeeds.
-    fn write<T>(&self, f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Writer<'_, SqliteTx<'_>>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let now = self.clock.now();
-        let mut w = Writer { tx: &tx, now, next_seq: None, heads: HashMap::new(), opts: &self.opts, ended: Vec::new() };
+        let mut stx = SqliteTx(&tx);
+        let mut w = Writer::new(&mut stx, self.clock.now(), &self.opts);
         let out = f(&mut w)?;
-        w.cascade()?;
-        w.flush_heads()?;
+        w.finish()?;
         tx.commit()?;
         Ok(out)
+    }
+
+    /// Runs `f` with a [`crate::copy::Dump`] of this ledger: every row of a table of
+    /// [`crate::copy::TABLES`], all read in one transaction.
+    pub(crate) fn with_dump<R>(
+        &self,
+        f: impl FnOnce(&mut crate::copy::Dump<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        use crate::copy::{Cell, TABLES};
+        use rusqlite::types::ValueRef;
+        self.read(|c| {
+            c.execute_batch("BEGIN DEFERRED")?;
+            let mut dump = |table: usize, sink: &mut dyn FnMut(Vec<Cell>) -> Result<(), StoreError>| {
+                let (name, cols) = TABLES[table];
+                let mut stmt = c.prepare(&format!("SELECT {} FROM {name}", cols.join(", ")))?;
+                let mut rows = stmt.query([])?;
+                while let Some(r) = rows.next()? {
+                    let mut row = Vec::with_capacity(cols.len());
+                    for k in 0..cols.len() {
+                        row.push(match r.get_ref(k)? {
+                            ValueRef::Null => Cell::Null,
+                            ValueRef::Integer(v) => Cell::Int(v),
+                            ValueRef::Real(v) => Cell::Text(v.to_string()),
+                            ValueRef::Text(t) => Cell::Text(String::from_utf8_lossy(t).into_owned()),
+                            ValueRef::Blob(b) => Cell::Blob(b.to_vec()),
+                        });
+                    }
+                    sink(row)?;
+                }
+                Ok(())
+            };
+            let out = f(&mut dump);
+            c.execute_batch("COMMIT")?;
+            out
+        })
     }
 
     /// Runs `f` on a pooled read connection.
@@ -158,53 +200,6 @@ impl SqliteStore {
         }
         out
     }
-
-    /// Refuses a batch with any invalid job, before anything is written.
-    fn check_new_jobs(&self, jobs: &[NewJob]) -> Result<(), StoreError> {
-        for j in jobs {
-            check_name("tenant", &j.tenant)?;
-            check_name("project", &j.project)?;
-            check_name("queue", &j.queue)?;
-            if let Some(s) = &j.source {
-                check_text("source", s, 512)?;
-            }
-            if let Some(k) = &j.idempotency_key {
-                check_text("idempotency key", k, 256)?;
-            }
-            if let Some(c) = &j.correlation_id {
-                check_text("correlation id", c, 256)?;
-            }
-            if j.max_attempts == Some(0) {
-                return Err(StoreError::Invalid("max_attempts must be at least 1".into()));
-            }
-            let size = serde_json::to_vec(&j.payload).map(|v| v.len()).unwrap_or(usize::MAX);
-            if size > self.opts.max_payload_bytes {
-                return Err(StoreError::Invalid(format!(
-                    "payload is {size} bytes, the limit is {}",
-                    self.opts.max_payload_bytes
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies a transition to one job in scope; `make` builds the event from the current job.
-    /// `actor` defaults to the worker holding the job's lease (for worker calls).
-    fn transition(
-        &self,
-        scope: &Scope,
-        id: JobId,
-        actor: Option<&str>,
-        make: impl FnOnce(&Job, &mut Writer<'_>) -> Result<EventKind, StoreError>,
-    ) -> Result<Job, StoreError> {
-        self.write(|w| {
-            let job = w.load_job(scope, id)?;
-            let kind = make(&job, w)?;
-            let actor = actor.map_or_else(|| lease_holder(&job), str::to_string);
-            let draft = w.draft(&job, &actor, kind);
-            w.record(draft, Some(&job))?.ok_or_else(|| StoreError::Corrupt("job event changed no job".into()))
-        })
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -212,71 +207,60 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One write transaction: sequences and chains events, applies them, and writes jobs.
-struct Writer<'t> {
-    tx: &'t rusqlite::Transaction<'t>,
-    now: orch_core::Timestamp,
-    next_seq: Option<u64>,
-    /// Each tenant's chain head as this transaction moved it: (seq, hash).
-    heads: HashMap<String, (u64, String)>,
-    opts: &'t StoreOptions,
-    /// Jobs this transaction dead-lettered or cancelled: their children may follow.
-    ended: Vec<JobId>,
+/// The SQLite side of a write transaction. SQLite's write transactions are exclusive
+/// (`BEGIN IMMEDIATE`), so the ledger needs no lock of its own.
+struct SqliteTx<'t>(&'t rusqlite::Transaction<'t>);
+
+impl<'t> std::ops::Deref for SqliteTx<'t> {
+    type Target = rusqlite::Transaction<'t>;
+    fn deref(&self) -> &Self::Target {
+        self.0
+    }
 }
 
-impl Writer<'_> {
-    fn load_job(&self, scope: &Scope, id: JobId) -> Result<Job, StoreError> {
-        load_job(self.tx, scope, id)
+impl Tx for SqliteTx<'_> {
+    fn lock_ledger(&mut self) -> Result<(), StoreError> {
+        Ok(())
     }
 
-    fn draft(&self, job: &Job, actor: &str, kind: EventKind) -> EventDraft {
-        EventDraft {
-            at: self.now,
-            tenant: job.tenant.clone(),
-            project: job.project.clone(),
-            job_id: Some(job.id),
-            actor: actor.to_string(),
-            correlation_id: job.correlation_id.clone(),
-            kind,
-        }
+    fn max_seq(&mut self) -> Result<u64, StoreError> {
+        Ok(self.0.query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
-    fn next_seq(&mut self) -> Result<u64, StoreError> {
-        match self.next_seq {
-            Some(s) => Ok(s),
-            None => {
-                let max: i64 = self.tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| r.get(0))?;
-                Ok(max as u64 + 1)
-            }
-        }
+    fn max_job_id(&mut self) -> Result<JobId, StoreError> {
+        Ok(self.0.query_row("SELECT COALESCE(MAX(id), 0) FROM jobs", [], |r| r.get(0))?)
     }
 
-    fn head(&mut self, tenant: &str) -> Result<String, StoreError> {
-        if let Some((_, h)) = self.heads.get(tenant) {
-            return Ok(h.clone());
-        }
-        let h: Option<String> = self
-            .tx
+    fn max_throttle_seq(&mut self) -> Result<u64, StoreError> {
+        Ok(self.0.query_row("SELECT COALESCE(MAX(seq), 0) FROM throttles", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    fn tenant_head(&mut self, tenant: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .0
             .prepare_cached("SELECT head_hash FROM tenants WHERE id = ?1")?
             .query_row([tenant], |r| r.get(0))
-            .optional()?;
-        Ok(h.unwrap_or_else(|| GENESIS_HASH.to_string()))
+            .optional()?)
     }
 
-    /// Seals the draft as the next event, applies it to `prev`, and writes both. Nothing is
-    /// written if the state machine refuses the event.
-    fn record(&mut self, draft: EventDraft, prev: Option<&Job>) -> Result<Option<Job>, StoreError> {
-        let seq = self.next_seq()?;
-        let prev_hash = self.head(&draft.tenant)?;
-        let (ev, line) = draft.seal_with_line(seq, &prev_hash);
-        let job = apply(prev, &ev).map_err(transition_error)?;
-        self.tx
+    fn set_tenant_head(&mut self, tenant: &str, seq: u64, hash: &str) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO tenants (id, head_seq, head_hash) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET head_seq = excluded.head_seq, head_hash = excluded.head_hash",
+            )?
+            .execute(params![tenant, seq as i64, hash])?;
+        Ok(())
+    }
+
+    fn insert_event(&mut self, ev: &Event, line: &str) -> Result<(), StoreError> {
+        self.0
             .prepare_cached(
                 "INSERT INTO history (seq, tenant, job_id, type, at, correlation_id, hash, line)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
-                seq as i64,
+                ev.seq as i64,
                 ev.tenant,
                 ev.job_id,
                 ev.event.type_name(),
@@ -285,21 +269,10 @@ impl Writer<'_> {
                 ev.hash,
                 line,
             ])?;
-        if let Some(job) = &job {
-            self.write_job(job, prev.is_none())?;
-            let ended = matches!(job.state, JobState::Dead | JobState::Cancelled);
-            if ended && prev.is_some_and(|p| p.state != job.state) {
-                self.ended.push(job.id);
-            }
-        }
-        self.next_seq = Some(seq + 1);
-        self.heads.insert(ev.tenant.clone(), (seq, ev.hash));
-        Ok(job)
+        Ok(())
     }
 
-    fn write_job(&self, job: &Job, insert: bool) -> Result<(), StoreError> {
-        let doc = orch_core::canonical::to_vec(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let doc = String::from_utf8(doc).expect("canonical JSON is UTF-8");
+    fn write_job(&mut self, job: &Job, doc: &str, insert: bool) -> Result<(), StoreError> {
         let lease = job.lease.as_ref();
         let sql = if insert {
             "INSERT INTO jobs (id, tenant, project, queue, source, state, priority, run_after, lease_id,
@@ -311,7 +284,7 @@ impl Writer<'_> {
                              correlation_id = ?12, updated_at = ?13, doc = ?14, run_id = ?15
              WHERE id = ?1"
         };
-        self.tx.prepare_cached(sql)?.execute(params![
+        self.0.prepare_cached(sql)?.execute(params![
             job.id,
             job.tenant,
             job.project,
@@ -331,222 +304,204 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Enqueues jobs (already checked), returning existing jobs for used idempotency keys.
-    fn enqueue(&mut self, actor: &str, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, StoreError> {
-        let mut next_id: JobId = self.tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM jobs", [], |r| r.get(0))?;
-        let mut out = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            if let Some(key) = &j.idempotency_key {
-                let existing: Option<String> = self
-                    .tx
-                    .prepare_cached("SELECT doc FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
-                    .query_row(params![j.tenant, key], |r| r.get(0))
-                    .optional()?;
-                if let Some(doc) = existing {
-                    out.push(Enqueued { job: decode_job(&doc)?, created: false });
-                    continue;
-                }
-            }
-            let mut parents = Vec::with_capacity(j.depends_on.len());
-            for dep in &j.depends_on {
-                let parent = match *dep {
-                    Dep::Earlier(i) => out.get(i).map(|e: &Enqueued| e.job.id).ok_or_else(|| {
-                        StoreError::Invalid(format!("job {} depends on a later job of its batch", out.len()))
-                    })?,
-                    Dep::Job(id) => {
-                        let tenant: Option<String> = self
-                            .tx
-                            .prepare_cached("SELECT tenant FROM jobs WHERE id = ?1")?
-                            .query_row([id], |r| r.get(0))
-                            .optional()?;
-                        if tenant.as_deref() != Some(j.tenant.as_str()) {
-                            return Err(StoreError::Invalid(format!(
-                                "depends_on names job {id}, which does not exist"
-                            )));
-                        }
-                        id
-                    }
-                };
-                parents.push(parent);
-            }
-            parents.sort_unstable();
-            parents.dedup();
-            let id = next_id;
-            next_id += 1;
-            let spec = JobSpec {
-                queue: j.queue,
-                source: j.source,
-                payload: j.payload,
-                priority: j.priority,
-                run_after: j.run_after.unwrap_or(self.now),
-                max_attempts: j.max_attempts.unwrap_or(self.opts.default_max_attempts),
-                idempotency_key: j.idempotency_key,
-                run: j.run,
-                depends_on: parents.clone(),
-                on_parent_failure: j.on_parent_failure,
-            };
-            self.tx
-                .prepare_cached("INSERT OR IGNORE INTO projects (tenant, id) VALUES (?1, ?2)")?
-                .execute(params![j.tenant, j.project])?;
-            let draft = EventDraft {
-                at: self.now,
-                tenant: j.tenant,
-                project: j.project,
-                job_id: Some(id),
-                actor: actor.to_string(),
-                correlation_id: j.correlation_id.unwrap_or_else(new_token),
-                kind: EventKind::Enqueued(spec),
-            };
-            let job = self.record(draft, None)?.expect("enqueue creates a job");
-            for parent in &parents {
-                self.tx
-                    .prepare_cached("INSERT INTO dag_edges (parent, child) VALUES (?1, ?2)")?
-                    .execute(params![parent, id])?;
-                // A parent that already ended takes the new child with it, as it would have.
-                let state: String = self
-                    .tx
-                    .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
-                    .query_row([parent], |r| r.get(0))?;
-                if matches!(state.as_str(), "dead" | "cancelled") {
-                    self.ended.push(*parent);
-                }
-            }
-            out.push(Enqueued { job, created: true });
-        }
-        Ok(out)
+    fn load_job(&mut self, scope: &Scope, id: JobId) -> Result<Job, StoreError> {
+        load_job(self.0, scope, id)
     }
 
-    /// Completes a leased job: its `job.succeeded` event and its artifacts.
-    fn ack(&mut self, scope: &Scope, id: JobId, ack: Ack) -> Result<Job, StoreError> {
-        let job = self.load_job(scope, id)?;
-        let actor = lease_holder(&job);
-        let metas: Vec<Artifact> =
-            ack.artifacts.iter().map(|a| Artifact::of_content(&a.name, &a.media_type, &a.content)).collect();
-        let draft = self.draft(&job, &actor, EventKind::Succeeded { lease_id: ack.lease_id, artifacts: metas.clone() });
-        let job = self.record(draft, Some(&job))?.expect("ack changes a job");
-        for (a, m) in ack.artifacts.iter().zip(&metas) {
-            self.tx
-                .prepare_cached("INSERT OR IGNORE INTO artifacts (sha256, size, content) VALUES (?1, ?2, ?3)")?
-                .execute(params![m.sha256, m.size as i64, a.content])?;
-            self.tx
-                .prepare_cached(
-                    "INSERT INTO job_artifacts (job_id, name, media_type, size, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![id, m.name, m.media_type, m.size as i64, m.sha256])?;
-        }
-        Ok(job)
+    fn lock_jobs(&mut self, _: &[JobId]) -> Result<(), StoreError> {
+        Ok(())
     }
 
-    /// Files an `audit` event in a tenant's chain; returns it.
-    fn audit(
+    fn job_by_key(&mut self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
+        job_by_key(self.0, tenant, key)
+    }
+
+    fn job_tenant_state(&mut self, id: JobId) -> Result<Option<(String, String)>, StoreError> {
+        Ok(self
+            .0
+            .prepare_cached("SELECT tenant, state FROM jobs WHERE id = ?1")?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+
+    fn add_project(&mut self, tenant: &str, project: &str) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached("INSERT OR IGNORE INTO projects (tenant, id) VALUES (?1, ?2)")?
+            .execute(params![tenant, project])?;
+        Ok(())
+    }
+
+    fn add_edge(&mut self, parent: JobId, child: JobId) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached("INSERT INTO dag_edges (parent, child) VALUES (?1, ?2)")?
+            .execute(params![parent, child])?;
+        Ok(())
+    }
+
+    fn add_artifact(&mut self, job: JobId, m: &Artifact, content: &[u8]) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached("INSERT OR IGNORE INTO artifacts (sha256, size, content) VALUES (?1, ?2, ?3)")?
+            .execute(params![m.sha256, m.size as i64, content])?;
+        self.0
+            .prepare_cached(
+                "INSERT INTO job_artifacts (job_id, name, media_type, size, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![job, m.name, m.media_type, m.size as i64, m.sha256])?;
+        Ok(())
+    }
+
+    fn insert_throttle(&mut self, r: &ThrottleRecord, line: &str) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached("INSERT INTO throttles (seq, tenant, host, at, line) VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(params![r.seq as i64, r.tenant, r.host, r.at.as_millis(), line])?;
+        Ok(())
+    }
+
+    fn queued_children(&mut self, parent: JobId) -> Result<Vec<Job>, StoreError> {
+        let docs: Vec<String> = self
+            .0
+            .prepare_cached(
+                "SELECT j.doc FROM dag_edges e JOIN jobs j ON j.id = e.child
+                 WHERE e.parent = ?1 AND j.state = 'queued' ORDER BY j.id",
+            )?
+            .query_map([parent], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        docs.iter().map(|d| decode_job(d)).collect()
+    }
+
+    fn ready_jobs(
         &mut self,
-        tenant: &str,
-        project: &str,
-        actor: &str,
-        action: String,
-        details: serde_json::Value,
-    ) -> Result<Event, StoreError> {
-        let seq = self.next_seq()?;
-        let draft = EventDraft {
-            at: self.now,
-            tenant: tenant.to_string(),
-            project: project.to_string(),
-            job_id: None,
-            actor: actor.to_string(),
-            correlation_id: new_token(),
-            kind: EventKind::Audit { action, details },
+        req: &ClaimRequest,
+        now: orch_core::Timestamp,
+        excluded: &BTreeSet<Exclusion>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        ready_jobs(self.0, req, now, excluded, limit)
+    }
+
+    fn running_counts(&mut self) -> Result<Vec<RunningCount>, StoreError> {
+        let rows = self
+            .0
+            .prepare_cached(
+                "SELECT tenant, queue, source, count(*) FROM jobs WHERE state = 'running' GROUP BY 1, 2, 3",
+            )?
+            .query_map([], |r| {
+                Ok(RunningCount {
+                    tenant: r.get(0)?,
+                    queue: r.get(1)?,
+                    source: r.get(2)?,
+                    count: r.get::<_, i64>(3)? as u64,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn expired_leases(&mut self, now: orch_core::Timestamp, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let docs: Vec<String> = self
+            .0
+            .prepare_cached(
+                "SELECT doc FROM jobs WHERE state = 'running' AND lease_expires_at <= ?1
+                 ORDER BY lease_expires_at, id LIMIT ?2",
+            )?
+            .query_map(params![now.as_millis(), limit as i64], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        docs.iter().map(|d| decode_job(d)).collect()
+    }
+
+    fn put_setting_row(&mut self, change: &SettingChange, host: Option<&str>, doc: &str) -> Result<(), StoreError> {
+        let (t, id) = (&change.tenant, &change.id);
+        match change.kind {
+            SettingKind::Source => self.0.execute(
+                "INSERT INTO sources (tenant, id, host, config) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (tenant, id) DO UPDATE SET host = excluded.host, config = excluded.config",
+                params![t, id, host, doc],
+            )?,
+            SettingKind::Quota => self.0.execute(
+                "INSERT INTO quotas (tenant, queue, doc) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (tenant, queue) DO UPDATE SET doc = excluded.doc",
+                params![t, id, doc],
+            )?,
+            kind => self.0.execute(
+                "INSERT INTO flow_settings (tenant, kind, id, doc) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (tenant, kind, id) DO UPDATE SET doc = excluded.doc",
+                params![t, kind.as_str(), id, doc],
+            )?,
         };
-        self.record(draft, None)?;
-        let line: String = self.tx.query_row("SELECT line FROM history WHERE seq = ?1", [seq as i64], |r| r.get(0))?;
-        decode_event(&line)
-    }
-
-    /// Appends throttle records (their `seq` is assigned here).
-    fn throttles(&mut self, records: Vec<orch_core::throttle::ThrottleRecord>) -> Result<(), StoreError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let mut seq: i64 = self.tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM throttles", [], |r| r.get(0))?;
-        for mut r in records {
-            seq += 1;
-            r.seq = seq as u64;
-            check_text("throttle reason", &r.reason, 1024)?;
-            let line = orch_core::canonical::to_vec(&r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let line = String::from_utf8(line).expect("canonical JSON is UTF-8");
-            self.tx
-                .prepare_cached("INSERT INTO throttles (seq, tenant, host, at, line) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                .execute(params![seq, r.tenant, r.host, r.at.as_millis(), line])?;
-        }
         Ok(())
     }
 
-    /// Cancels the queued children (with `on_parent_failure: cancel`) of every job that ended
-    /// in this transaction, and theirs in turn. Blocked children (the default) stay queued.
-    fn cascade(&mut self) -> Result<(), StoreError> {
-        while let Some(parent) = self.ended.pop() {
-            let docs: Vec<String> = self
-                .tx
-                .prepare_cached(
-                    "SELECT j.doc FROM dag_edges e JOIN jobs j ON j.id = e.child
-                     WHERE e.parent = ?1 AND j.state = 'queued' ORDER BY j.id",
-                )?
-                .query_map([parent], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for doc in docs {
-                let child = decode_job(&doc)?;
-                if child.spec.on_parent_failure != orch_core::ParentFailure::Cancel {
-                    continue;
-                }
-                let reason = Some(format!("parent job {parent} did not succeed"));
-                let draft = self.draft(&child, "orchd", EventKind::Cancelled { reason });
-                self.record(draft, Some(&child))?;
+    fn delete_setting_row(&mut self, change: &SettingChange) -> Result<u64, StoreError> {
+        let (t, id) = (&change.tenant, &change.id);
+        let n = match change.kind {
+            SettingKind::Source => {
+                self.0.execute("DELETE FROM sources WHERE tenant = ?1 AND id = ?2", params![t, id])?
             }
+            SettingKind::Quota => {
+                self.0.execute("DELETE FROM quotas WHERE tenant = ?1 AND queue = ?2", params![t, id])?
+            }
+            kind => self.0.execute(
+                "DELETE FROM flow_settings WHERE tenant = ?1 AND kind = ?2 AND id = ?3",
+                params![t, kind.as_str(), id],
+            )?,
+        };
+        if change.kind == SettingKind::Schedule {
+            self.0.execute("DELETE FROM schedule_state WHERE tenant = ?1 AND id = ?2", params![t, id])?;
         }
+        Ok(n as u64)
+    }
+
+    fn open_incidents(&mut self) -> Result<Vec<Incident>, StoreError> {
+        self.incident_rows()
+    }
+
+    fn insert_incident(&mut self, c: &IncidentSpec, at: orch_core::Timestamp) -> Result<i64, StoreError> {
+        self.0
+            .prepare_cached("INSERT INTO incidents (tenant, kind, key, opened_at, doc) VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(params![c.tenant, c.kind, c.key, at.as_millis(), ledger::incident_doc(c)?])?;
+        Ok(self.0.last_insert_rowid())
+    }
+
+    fn close_incident(&mut self, id: i64, at: orch_core::Timestamp) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached("UPDATE incidents SET closed_at = ?1 WHERE id = ?2")?
+            .execute(params![at.as_millis(), id])?;
         Ok(())
     }
 
-    fn flush_heads(&mut self) -> Result<(), StoreError> {
-        let mut stmt = self.tx.prepare_cached(
-            "INSERT INTO tenants (id, head_seq, head_hash) VALUES (?1, ?2, ?3)
-             ON CONFLICT (id) DO UPDATE SET head_seq = excluded.head_seq, head_hash = excluded.head_hash",
-        )?;
-        for (tenant, (seq, hash)) in &self.heads {
-            stmt.execute(params![tenant, *seq as i64, hash])?;
-        }
-        Ok(())
-    }
-
-    /// The delay before the next attempt after `attempt` failed, with fresh jitter.
-    fn retry_at(&self, job: &Job, retryable: bool, hint_ms: Option<u64>) -> Option<orch_core::Timestamp> {
-        if !retryable || job.attempt >= job.spec.max_attempts {
-            return None;
-        }
-        let delay = self.opts.retry.delay_ms(job.attempt, hint_ms, rand::random::<f64>());
-        Some(self.now.plus_millis(delay as i64))
-    }
-
-    fn lease_ms(&self, asked: Option<u64>) -> Result<u64, StoreError> {
-        let ms = asked.unwrap_or(self.opts.default_lease_ms);
-        if ms == 0 || ms > self.opts.max_lease_ms {
-            return Err(StoreError::Invalid(format!(
-                "lease length must be between 1 ms and {} ms, got {ms}",
-                self.opts.max_lease_ms
-            )));
-        }
-        Ok(ms)
+    fn dead_jobs(&mut self, scope: &Scope, queue: Option<&str>, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let docs: Vec<String> = self
+            .0
+            .prepare_cached(
+                "SELECT doc FROM jobs WHERE state = 'dead' AND (?1 IS NULL OR tenant = ?1)
+                 AND (?2 IS NULL OR queue = ?2) ORDER BY id LIMIT ?3",
+            )?
+            .query_map(params![scope.tenant(), queue, limit as i64], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        docs.iter().map(|d| decode_job(d)).collect()
     }
 }
 
-fn transition_error(e: TransitionError) -> StoreError {
-    let job = e.job_id();
-    if e.is_lease_lost() {
-        return StoreError::LeaseLost { job, reason: e.to_string() };
+impl SqliteTx<'_> {
+    fn incident_rows(&self) -> Result<Vec<Incident>, StoreError> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT id, tenant, kind, key, opened_at, closed_at, doc FROM incidents WHERE closed_at IS NULL",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(incident_row(r)?);
+        }
+        Ok(out)
     }
-    match e {
-        TransitionError::InvalidState { .. } => StoreError::Conflict { job, reason: e.to_string() },
-        TransitionError::InvalidSpec(..) => StoreError::Invalid(e.to_string()),
-        _ => StoreError::Corrupt(e.to_string()),
-    }
+}
+
+fn job_by_key(c: &Connection, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
+    let doc: Option<String> = c
+        .prepare_cached("SELECT doc FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
+        .query_row(params![tenant, key], |r| r.get(0))
+        .optional()?;
+    doc.map(|d| decode_job(&d)).transpose()
 }
 
 /// One job, if it exists in the scope: another tenant's job is `NotFound`, like a missing one.
@@ -574,202 +529,8 @@ fn incident_row(r: &rusqlite::Row<'_>) -> Result<Incident, StoreError> {
     })
 }
 
-fn decode_job(doc: &str) -> Result<Job, StoreError> {
-    serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(format!("stored job does not decode: {e}")))
-}
-
-fn decode_event(line: &str) -> Result<Event, StoreError> {
-    Event::from_line(line).map_err(|e| StoreError::Corrupt(format!("stored event does not decode: {e}")))
-}
-
-fn new_token() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
-/// Names: tenants, projects, queues. Printable, short, no spaces or slashes.
-fn check_name(what: &str, s: &str) -> Result<(), StoreError> {
-    let ok = !s.is_empty()
-        && s.len() <= 128
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::Invalid(format!(
-            "{what} {s:?} must be 1-128 characters of letters, digits, '-', '_', '.', ':'"
-        )))
-    }
-}
-
-/// Artifact names and media types of an ack: printable, bounded, names unique.
-fn check_ack(ack: &Ack) -> Result<(), StoreError> {
-    let mut names = std::collections::BTreeSet::new();
-    for a in &ack.artifacts {
-        check_text("artifact name", &a.name, 256)?;
-        check_text("media type", &a.media_type, 256)?;
-        if a.name.is_empty() || !names.insert(a.name.as_str()) {
-            return Err(StoreError::Invalid(format!("artifact names must be non-empty and unique: {:?}", a.name)));
-        }
-    }
-    Ok(())
-}
-
-fn check_text(what: &str, s: &str, max: usize) -> Result<(), StoreError> {
-    if s.len() > max || s.chars().any(char::is_control) {
-        return Err(StoreError::Invalid(format!("{what} must be at most {max} bytes without control characters")));
-    }
-    Ok(())
-}
-
 impl Store for SqliteStore {
-    #[instrument(skip_all, fields(jobs = jobs.len()))]
-    fn enqueue(&self, actor: &str, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, StoreError> {
-        self.check_new_jobs(&jobs)?;
-        self.write(|w| w.enqueue(actor, jobs))
-    }
-
-    #[instrument(skip_all, fields(worker = %req.worker, limit = req.limit))]
-    fn claim_gated(&self, req: &ClaimRequest, gate: &mut dyn ClaimGate) -> Result<Vec<Allocation>, StoreError> {
-        check_text("worker id", &req.worker, 256)?;
-        if req.worker.is_empty() {
-            return Err(StoreError::Invalid("worker id must not be empty".into()));
-        }
-        if req.queues.is_empty() || req.limit == 0 {
-            return Ok(Vec::new());
-        }
-        let limit = req.limit.min(10_000);
-        self.write(|w| {
-            let lease_ms = w.lease_ms(req.lease_ms)?;
-            let running = if gate.wants_running() { running_counts(w.tx)? } else { Vec::new() };
-            let mut excluded: std::collections::BTreeSet<Exclusion> = gate.begin(w.now, &running).into_iter().collect();
-            let expires = w.now.plus_millis(lease_ms as i64);
-            let mut out = Vec::with_capacity(limit.min(1024));
-            // Rounds: take the best ready jobs not excluded; a refusal excludes its whole class,
-            // and the next round looks past it. Each round ends with a full batch, a queue
-            // exhausted, or a new exclusion, so the rounds are few.
-            loop {
-                let want = limit - out.len();
-                let candidates = ready_jobs(w.tx, req, w.now, &excluded, want)?;
-                let mut refused = false;
-                for job in candidates {
-                    if out.len() == limit {
-                        break;
-                    }
-                    if let Err(x) = gate.admit(&job) {
-                        refused |= excluded.insert(x);
-                        continue;
-                    }
-                    let kind = EventKind::Claimed {
-                        lease_id: new_token(),
-                        worker: req.worker.clone(),
-                        lease_expires_at: expires,
-                        attempt: job.attempt + 1,
-                    };
-                    let draft = w.draft(&job, &req.worker, kind);
-                    let job = w.record(draft, Some(&job))?.expect("claim changes a job");
-                    let retry = RetryHints {
-                        attempts_left: job.spec.max_attempts.saturating_sub(job.attempt),
-                        backoff_ms: w.opts.retry.delay_ms(job.attempt, None, 1.0),
-                        heartbeat_ms: lease_ms / 3,
-                    };
-                    out.push(Allocation { job, retry });
-                }
-                if out.len() == limit || !refused {
-                    break;
-                }
-            }
-            w.throttles(gate.records())?;
-            Ok(out)
-        })
-    }
-
-    #[instrument(skip_all, fields(job.id = id))]
-    fn heartbeat(&self, scope: &Scope, id: JobId, hb: Heartbeat) -> Result<Job, StoreError> {
-        self.transition(scope, id, None, |_, w| {
-            let ms = w.lease_ms(hb.extend_ms)?;
-            Ok(EventKind::Heartbeat {
-                lease_id: hb.lease_id,
-                lease_expires_at: w.now.plus_millis(ms as i64),
-                progress: hb.progress,
-            })
-        })
-    }
-
-    #[instrument(skip_all, fields(job.id = id))]
-    fn ack(&self, scope: &Scope, id: JobId, ack: Ack) -> Result<Job, StoreError> {
-        check_ack(&ack)?;
-        self.write(|w| w.ack(scope, id, ack))
-    }
-
-    #[instrument(skip_all, fields(acks = acks.len()))]
-    fn ack_many(&self, scope: &Scope, acks: Vec<(JobId, Ack)>) -> Result<Vec<Result<Job, StoreError>>, StoreError> {
-        // One transaction for all. An ack that is refused is refused before it writes anything
-        // (the job is read and the transition checked first), so the others can go on; any
-        // other error rolls the whole batch back.
-        self.write(|w| {
-            let mut out = Vec::with_capacity(acks.len());
-            for (id, ack) in acks {
-                match check_ack(&ack).and_then(|()| w.ack(scope, id, ack)) {
-                    Err(e @ (StoreError::Backend(_) | StoreError::Corrupt(_))) => return Err(e),
-                    r => out.push(r),
-                }
-            }
-            Ok(out)
-        })
-    }
-
-    #[instrument(skip_all, fields(job.id = id))]
-    fn fail(&self, scope: &Scope, id: JobId, f: Failure) -> Result<Job, StoreError> {
-        check_name("error class", &f.class)?;
-        check_text("error message", &f.message.replace(['\n', '\t'], " "), 4096)?;
-        self.transition(scope, id, None, |job, w| {
-            Ok(EventKind::Failed {
-                lease_id: f.lease_id,
-                class: f.class,
-                message: f.message,
-                retry_at: w.retry_at(job, f.retryable, f.retry_after_ms),
-            })
-        })
-    }
-
-    #[instrument(skip_all, fields(job.id = id))]
-    fn cancel(&self, scope: &Scope, id: JobId, actor: &str, reason: Option<String>) -> Result<Job, StoreError> {
-        if let Some(r) = &reason {
-            check_text("reason", r, 1024)?;
-        }
-        self.transition(scope, id, Some(actor), |_, _| Ok(EventKind::Cancelled { reason }))
-    }
-
-    #[instrument(skip_all, fields(job.id = id))]
-    fn retry(&self, scope: &Scope, id: JobId, actor: &str, reason: Option<String>) -> Result<Job, StoreError> {
-        if let Some(r) = &reason {
-            check_text("reason", r, 1024)?;
-        }
-        self.transition(scope, id, Some(actor), |_, w| Ok(EventKind::Retried { run_after: w.now, reason }))
-    }
-
-    #[instrument(skip_all)]
-    fn reap_expired_leases(&self, limit: usize) -> Result<usize, StoreError> {
-        self.write(|w| {
-            let docs: Vec<String> =
-                w.tx.prepare_cached(
-                    "SELECT doc FROM jobs WHERE state = 'running' AND lease_expires_at <= ?1
-                     ORDER BY lease_expires_at, id LIMIT ?2",
-                )?
-                .query_map(params![w.now.as_millis(), limit as i64], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for doc in &docs {
-                let job = decode_job(doc)?;
-                let lease_id = job.lease.as_ref().map(|l| l.id.clone()).unwrap_or_default();
-                let retry_at = w.retry_at(&job, true, None);
-                let draft = w.draft(&job, "orchd", EventKind::LeaseExpired { lease_id, retry_at });
-                w.record(draft, Some(&job))?;
-            }
-            if !docs.is_empty() {
-                tracing::info!(count = docs.len(), "took back expired leases");
-            }
-            Ok(docs.len())
-        })
-    }
+    ledger::write_verbs!();
 
     fn job(&self, scope: &Scope, id: JobId) -> Result<Job, StoreError> {
         self.read(|c| load_job(c, scope, id))
@@ -889,60 +650,23 @@ impl Store for SqliteStore {
                 .prepare(&q.sql)?
                 .query_map(params_from_iter(q.args.iter()), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<Result<_, _>>()?;
-            let mut out = Vec::with_capacity(rows.len());
-            for (line, source, queue) in rows.into_iter().rev() {
-                let ev = decode_event(&line)?;
-                let (class, message) = match ev.event {
-                    EventKind::Failed { class, message, .. } => (class, message),
-                    _ => ("lease_expired".to_string(), "the lease lapsed without a heartbeat".to_string()),
-                };
-                out.push(FailureRecord {
-                    job_id: ev.job_id.unwrap_or_default(),
-                    tenant: ev.tenant,
-                    source,
-                    queue,
-                    class,
-                    message,
-                    at: ev.at,
-                });
-            }
-            Ok(out)
+            rows.into_iter().rev().map(|(line, source, queue)| failure_record(&line, source, queue)).collect()
         })
     }
 
     #[instrument(skip_all, fields(kind = %run.kind, jobs = jobs.len()))]
     fn start_run(&self, actor: &str, run: NewRun, jobs: Vec<NewJob>) -> Result<(Run, Vec<Enqueued>), StoreError> {
-        check_name("tenant", &run.tenant)?;
-        check_name("project", &run.project)?;
-        check_name("run kind", &run.kind)?;
-        check_audit_fields(&run.reason, &run.ticket)?;
-        if jobs.iter().any(|j| j.tenant != run.tenant) {
-            return Err(StoreError::Invalid("a run's jobs must belong to its tenant".into()));
-        }
-        self.check_new_jobs(&jobs)?;
-        let id = self.write(|w| {
-            let doc = serde_json::json!({
-                "kind": run.kind,
-                "created_by": actor,
-                "created_at": w.now,
-                "params": run.params,
-                "reason": run.reason,
-                "ticket": run.ticket,
-            });
+        check_run(&self.opts, &run, &jobs)?;
+        let (id, enqueued) = self.write(|w| {
+            let doc = ledger::run_doc(&run, actor, w.now);
             w.tx.execute(
                 "INSERT INTO runs (tenant, project, state, doc) VALUES (?1, ?2, 'started', ?3)",
                 params![run.tenant, run.project, doc.to_string()],
             )?;
             let id = w.tx.last_insert_rowid();
-            let details = serde_json::json!({
-                "run": id, "params": run.params, "reason": run.reason, "ticket": run.ticket, "jobs": jobs.len(),
-            });
-            w.audit(&run.tenant, &run.project, actor, format!("{}.started", run.kind), details)?;
-            let jobs = jobs.into_iter().map(|j| NewJob { run: Some(id), ..j }).collect();
-            let enqueued = w.enqueue(actor, jobs)?;
-            Ok((id, enqueued))
+            Ok((id, ledger::start_run(w, actor, id, &run, jobs)?))
         })?;
-        Ok((self.run(&Scope::Tenant(run.tenant), id.0)?, id.1))
+        Ok((self.run(&Scope::Tenant(run.tenant), id)?, enqueued))
     }
 
     fn run(&self, scope: &Scope, id: i64) -> Result<Run, StoreError> {
@@ -978,88 +702,6 @@ impl Store for SqliteStore {
         })
     }
 
-    #[instrument(skip_all, fields(kind = change.kind.as_str(), id = %change.id))]
-    fn put_setting(&self, actor: &str, change: SettingChange) -> Result<Event, StoreError> {
-        check_name("tenant", &change.tenant)?;
-        check_name("project", &change.project)?;
-        check_audit_fields(&change.reason, &change.ticket)?;
-        let id_ok = change.id == "*" && change.kind == SettingKind::Quota;
-        if !id_ok {
-            check_name(change.kind.as_str(), &change.id)?;
-        }
-        if !change.doc.is_object() {
-            return Err(StoreError::Invalid(format!("a {} must be a JSON object", change.kind.as_str())));
-        }
-        let doc = change.doc.to_string();
-        self.write(|w| {
-            match change.kind {
-                SettingKind::Source => {
-                    let host = change.doc.get("host").and_then(|h| h.as_str()).unwrap_or_default();
-                    check_text("source host", host, 253)?;
-                    if host.is_empty() {
-                        return Err(StoreError::Invalid("a source needs a host".into()));
-                    }
-                    w.tx.execute(
-                        "INSERT INTO sources (tenant, id, host, config) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (tenant, id) DO UPDATE SET host = excluded.host, config = excluded.config",
-                        params![change.tenant, change.id, host, doc],
-                    )?;
-                }
-                SettingKind::Quota => {
-                    w.tx.execute(
-                        "INSERT INTO quotas (tenant, queue, doc) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (tenant, queue) DO UPDATE SET doc = excluded.doc",
-                        params![change.tenant, change.id, doc],
-                    )?;
-                }
-                kind => {
-                    w.tx.execute(
-                        "INSERT INTO flow_settings (tenant, kind, id, doc) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (tenant, kind, id) DO UPDATE SET doc = excluded.doc",
-                        params![change.tenant, kind.as_str(), change.id, doc],
-                    )?;
-                }
-            }
-            let details = serde_json::json!({
-                "id": change.id, "value": change.doc, "reason": change.reason, "ticket": change.ticket,
-            });
-            w.audit(&change.tenant, &change.project, actor, format!("{}.put", change.kind.as_str()), details)
-        })
-    }
-
-    #[instrument(skip_all, fields(kind = change.kind.as_str(), id = %change.id))]
-    fn delete_setting(&self, actor: &str, change: SettingChange) -> Result<Event, StoreError> {
-        check_name("tenant", &change.tenant)?;
-        check_name("project", &change.project)?;
-        check_audit_fields(&change.reason, &change.ticket)?;
-        self.write(|w| {
-            let n = match change.kind {
-                SettingKind::Source => w
-                    .tx
-                    .execute("DELETE FROM sources WHERE tenant = ?1 AND id = ?2", params![change.tenant, change.id])?,
-                SettingKind::Quota => w.tx.execute(
-                    "DELETE FROM quotas WHERE tenant = ?1 AND queue = ?2",
-                    params![change.tenant, change.id],
-                )?,
-                kind => w.tx.execute(
-                    "DELETE FROM flow_settings WHERE tenant = ?1 AND kind = ?2 AND id = ?3",
-                    params![change.tenant, kind.as_str(), change.id],
-                )?,
-            };
-            if n == 0 {
-                return Err(StoreError::Missing { what: change.kind.as_str(), id: change.id.clone() });
-            }
-            if change.kind == SettingKind::Schedule {
-                w.tx.execute(
-                    "DELETE FROM schedule_state WHERE tenant = ?1 AND id = ?2",
-                    params![change.tenant, change.id],
-                )?;
-            }
-            let details = serde_json::json!({ "id": change.id, "reason": change.reason, "ticket": change.ticket });
-            w.audit(&change.tenant, &change.project, actor, format!("{}.delete", change.kind.as_str()), details)
-        })
-    }
-
     fn settings(&self, scope: &Scope, kind: SettingKind) -> Result<Vec<Setting>, StoreError> {
         let mut q = match kind {
             SettingKind::Source => {
@@ -1089,10 +731,6 @@ impl Store for SqliteStore {
         })
     }
 
-    fn record_throttles(&self, records: Vec<orch_core::throttle::ThrottleRecord>) -> Result<(), StoreError> {
-        self.write(|w| w.throttles(records))
-    }
-
     fn throttles(
         &self,
         scope: &Scope,
@@ -1101,21 +739,12 @@ impl Store for SqliteStore {
         self.read(|c| {
             let mut q = Query::new("SELECT seq, line FROM throttles WHERE seq > ?", page.after);
             q.opt("tenant = ?", scope.tenant().map(String::from));
-            q.page(c, "seq", page.limit, |line| {
-                serde_json::from_str::<orch_core::throttle::ThrottleRecord>(line)
-                    .map_err(|e| StoreError::Corrupt(format!("throttle record: {e}")))
-            })
+            q.page(c, "seq", page.limit, decode_throttle)
         })
     }
 
     fn job_by_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
-        self.read(|c| {
-            let doc: Option<String> = c
-                .prepare_cached("SELECT doc FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
-                .query_row(params![tenant, key], |r| r.get(0))
-                .optional()?;
-            doc.map(|d| decode_job(&d)).transpose()
-        })
+        self.read(|c| job_by_key(c, tenant, key))
     }
 
     fn queued(&self, tenant: &str, queue: Option<&str>, cap: u64) -> Result<u64, StoreError> {
@@ -1130,36 +759,6 @@ impl Store for SqliteStore {
         })
     }
 
-    #[instrument(skip_all)]
-    fn retry_dead(
-        &self,
-        scope: &Scope,
-        queue: Option<&str>,
-        actor: &str,
-        reason: Option<String>,
-        limit: usize,
-    ) -> Result<Vec<Job>, StoreError> {
-        if let Some(r) = &reason {
-            check_text("reason", r, 1024)?;
-        }
-        self.write(|w| {
-            let docs: Vec<String> =
-                w.tx.prepare_cached(
-                    "SELECT doc FROM jobs WHERE state = 'dead' AND (?1 IS NULL OR tenant = ?1)
-                     AND (?2 IS NULL OR queue = ?2) ORDER BY id LIMIT ?3",
-                )?
-                .query_map(params![scope.tenant(), queue, limit.min(100_000) as i64], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            let mut out = Vec::with_capacity(docs.len());
-            for doc in docs {
-                let job = decode_job(&doc)?;
-                let draft = w.draft(&job, actor, EventKind::Retried { run_after: w.now, reason: reason.clone() });
-                out.push(w.record(draft, Some(&job))?.expect("retry changes a job"));
-            }
-            Ok(out)
-        })
-    }
-
     fn schedule_fired(
         &self,
         tenant: &str,
@@ -1170,65 +769,6 @@ impl Store for SqliteStore {
                 .query_row(params![tenant, id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?)))
                 .optional()?
                 .map(|(at, job)| (orch_core::Timestamp::from_millis(at), job)))
-        })
-    }
-
-    fn sync_incidents(&self, kinds: &[&str], now: Vec<IncidentSpec>) -> Result<IncidentChanges, StoreError> {
-        for c in &now {
-            check_name("tenant", &c.tenant)?;
-            if !kinds.contains(&c.kind.as_str()) {
-                return Err(StoreError::Invalid(format!("incident kind {:?} is not among {kinds:?}", c.kind)));
-            }
-        }
-        self.write(|w| {
-            let mut out = IncidentChanges::default();
-            let mut open: BTreeMap<(String, String, String), Incident> = BTreeMap::new();
-            {
-                let mut stmt = w.tx.prepare_cached(
-                    "SELECT id, tenant, kind, key, opened_at, closed_at, doc FROM incidents WHERE closed_at IS NULL",
-                )?;
-                let mut rows = stmt.query([])?;
-                while let Some(r) = rows.next()? {
-                    let i = incident_row(r)?;
-                    if kinds.contains(&i.kind.as_str()) {
-                        open.insert((i.tenant.clone(), i.kind.clone(), i.key.clone()), i);
-                    }
-                }
-            }
-            let at = w.now;
-            let mut seen = BTreeSet::new();
-            for c in now {
-                let k = (c.tenant.clone(), c.kind.clone(), c.key.clone());
-                if !seen.insert(k.clone()) || open.remove(&k).is_some() {
-                    continue;
-                }
-                let doc = serde_json::to_string(&c.details).map_err(|e| StoreError::Invalid(e.to_string()))?;
-                w.tx.prepare_cached(
-                    "INSERT INTO incidents (tenant, kind, key, opened_at, doc) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![c.tenant, c.kind, c.key, at.as_millis(), doc])?;
-                let i = Incident {
-                    id: w.tx.last_insert_rowid(),
-                    tenant: c.tenant,
-                    kind: c.kind,
-                    key: c.key,
-                    opened_at: at,
-                    closed_at: None,
-                    details: c.details,
-                };
-                let details = serde_json::json!({"id": i.id, "kind": i.kind, "key": i.key, "details": i.details});
-                w.audit(&i.tenant, "default", "orchd", "incident.opened".into(), details)?;
-                out.opened.push(i);
-            }
-            for (_, mut i) in open {
-                w.tx.prepare_cached("UPDATE incidents SET closed_at = ?1 WHERE id = ?2")?
-                    .execute(params![at.as_millis(), i.id])?;
-                i.closed_at = Some(at);
-                let details = serde_json::json!({"id": i.id, "kind": i.kind, "key": i.key});
-                w.audit(&i.tenant, "default", "orchd", "incident.closed".into(), details)?;
-                out.closed.push(i);
-            }
-            Ok(out)
         })
     }
 
@@ -1318,14 +858,7 @@ impl Store for SqliteStore {
     }
 
     fn put_token(&self, t: NewToken) -> Result<TokenRecord, StoreError> {
-        if t.tenant != "*" {
-            check_name("tenant", &t.tenant)?;
-        }
-        check_name("token id", &t.id)?;
-        check_text("label", &t.label, 256)?;
-        for s in &t.scopes {
-            check_name("scope", s)?;
-        }
+        check_token(&t)?;
         self.write(|w| {
             w.tx.execute(
                 "INSERT INTO api_tokens (id, tenant, scopes, label, hash, created_at, expires_at)
@@ -1482,8 +1015,6 @@ impl Store for SqliteStore {
             if seen.is_some() {
                 return Err(StoreError::Refused("this bundle was imported already".into()));
             }
-            let base: HashMap<JobId, &Job> = batch.base.iter().map(|j| (j.id, j)).collect();
-            let mut jobs: HashMap<JobId, Option<Job>> = HashMap::new();
             for (ev, line) in &batch.events {
                 let inserted = w
                     .tx
@@ -1498,26 +1029,15 @@ impl Store for SqliteStore {
                         ev.seq, batch.site_id
                     )));
                 }
-                let Some(id) = ev.job_id else { continue };
-                let prev = match jobs.remove(&id) {
-                    Some(known) => known,
-                    None => {
-                        let stored: Option<String> = w
-                            .tx
-                            .prepare_cached("SELECT doc FROM imported_jobs WHERE site_id = ?1 AND id = ?2")?
-                            .query_row(params![batch.site_id, id], |r| r.get(0))
-                            .optional()?;
-                        match stored {
-                            Some(doc) => Some(decode_job(&doc)?),
-                            None => base.get(&id).map(|j| (*j).clone()),
-                        }
-                    }
-                };
-                let next = apply(prev.as_ref(), ev).map_err(|e| {
-                    StoreError::Refused(format!("event {} of site {} does not replay: {e}", ev.seq, batch.site_id))
-                })?;
-                jobs.insert(id, next);
             }
+            let jobs = ledger::replay_import(&batch, |id| {
+                let stored: Option<String> = w
+                    .tx
+                    .prepare_cached("SELECT doc FROM imported_jobs WHERE site_id = ?1 AND id = ?2")?
+                    .query_row(params![batch.site_id, id], |r| r.get(0))
+                    .optional()?;
+                stored.map(|d| decode_job(&d)).transpose()
+            })?;
             for (seq, tenant, line) in &batch.throttles {
                 w.tx.prepare_cached(
                     "INSERT OR IGNORE INTO imported_throttles (site_id, seq, tenant, line) VALUES (?1, ?2, ?3, ?4)",
@@ -1525,7 +1045,7 @@ impl Store for SqliteStore {
                 .execute(params![batch.site_id, *seq as i64, tenant, line])?;
             }
             let mut changed = 0u64;
-            for job in jobs.values().flatten() {
+            for job in &jobs {
                 let doc = orch_core::canonical::to_vec(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 w.tx.prepare_cached(
                     "INSERT INTO imported_jobs (site_id, id, tenant, doc) VALUES (?1, ?2, ?3, ?4)
@@ -1567,15 +1087,7 @@ impl Store for SqliteStore {
                     actor
                 ],
             )?;
-            let mut details = batch.details.clone();
-            if let Some(obj) = details.as_object_mut() {
-                obj.insert("site_id".into(), batch.site_id.clone().into());
-                obj.insert("scope".into(), batch.scope.clone().into());
-                obj.insert("from_seq".into(), batch.from_seq.into());
-                obj.insert("to_seq".into(), batch.to_seq.into());
-                obj.insert("manifest_sha256".into(), batch.manifest_sha256.clone().into());
-                obj.insert("events".into(), (batch.events.len() as u64).into());
-            }
+            let details = ledger::import_details(&batch);
             let audit = w.audit(SITE_TENANT, "imports", actor, "import.applied".into(), details)?;
             Ok(ImportOutcome { events: batch.events.len() as u64, jobs: changed, audit_seq: audit.seq })
         })
@@ -1600,11 +1112,7 @@ impl Store for SqliteStore {
         secret: &str,
         filter: serde_json::Value,
     ) -> Result<Webhook, StoreError> {
-        check_name("tenant", tenant)?;
-        check_text("url", url, 2048)?;
-        if !filter.is_object() {
-            return Err(StoreError::Invalid("a webhook filter must be a JSON object".into()));
-        }
+        check_webhook(tenant, url, &filter)?;
         let id = self.write(|w| {
             let head: i64 = w.tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| r.get(0))?;
             w.tx.execute(
@@ -1673,15 +1181,7 @@ impl Store for SqliteStore {
                     .optional()?
                     .unwrap_or(0) as u32;
             let attempts = before + 1;
-            let (status, code, error, next_at) = match &outcome {
-                DeliveryOutcome::Delivered { code } => ("delivered", Some(*code), None, 0),
-                DeliveryOutcome::Failed { code, error, max_attempts, .. } if attempts >= *max_attempts => {
-                    ("dead", *code, Some(error.clone()), 0)
-                }
-                DeliveryOutcome::Failed { code, error, retry_at, .. } => {
-                    ("pending", *code, Some(error.clone()), retry_at.as_millis())
-                }
-            };
+            let (status, code, error, next_at) = delivery_status(&outcome, attempts);
             w.tx.execute(
                 "INSERT INTO webhook_deliveries (webhook_id, seq, status, attempts, last_code, last_error, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -1781,24 +1281,13 @@ fn token_where(c: &Connection, cond: &str, arg: &str) -> Result<Option<TokenReco
     Ok(c.prepare_cached(&format!("{TOKEN_SELECT} WHERE {cond}"))?.query_row([arg], token_row).optional()?)
 }
 
-/// Reason and ticket of audited operations: short single-line text.
-fn check_audit_fields(reason: &Option<String>, ticket: &Option<String>) -> Result<(), StoreError> {
-    if let Some(r) = reason {
-        check_text("reason", r, 1024)?;
-    }
-    if let Some(t) = ticket {
-        check_text("ticket", t, 256)?;
-    }
-    Ok(())
-}
-
 /// The best `limit` ready jobs of each of the request's queues, merged in claim order, passing
 /// over excluded classes and jobs whose parents have not all succeeded.
 fn ready_jobs(
     tx: &rusqlite::Transaction<'_>,
     req: &ClaimRequest,
     now: orch_core::Timestamp,
-    excluded: &std::collections::BTreeSet<Exclusion>,
+    excluded: &BTreeSet<Exclusion>,
     limit: usize,
 ) -> Result<Vec<Job>, StoreError> {
     use rusqlite::types::Value as Sql;
@@ -1848,65 +1337,16 @@ fn ready_jobs(
     Ok(candidates)
 }
 
-/// Jobs running now, by tenant, queue and source.
-fn running_counts(tx: &rusqlite::Transaction<'_>) -> Result<Vec<RunningCount>, StoreError> {
-    let rows = tx
-        .prepare_cached("SELECT tenant, queue, source, count(*) FROM jobs WHERE state = 'running' GROUP BY 1, 2, 3")?
-        .query_map([], |r| {
-            Ok(RunningCount {
-                tenant: r.get(0)?,
-                queue: r.get(1)?,
-                source: r.get(2)?,
-                count: r.get::<_, i64>(3)? as u64,
-            })
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(rows)
-}
-
+/// A run with its job counts.
 fn decode_run(c: &Connection, id: i64, tenant: String, project: String, doc: &str) -> Result<Run, StoreError> {
-    let doc: serde_json::Value =
-        serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(format!("run {id} does not decode: {e}")))?;
-    let text = |k: &str| doc.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    let mut jobs = std::collections::BTreeMap::new();
+    let mut jobs = BTreeMap::new();
     let mut stmt =
         c.prepare_cached("SELECT state, count(*) FROM jobs WHERE tenant = ?1 AND run_id = ?2 GROUP BY state")?;
     let mut rows = stmt.query(params![tenant, id])?;
     while let Some(r) = rows.next()? {
         jobs.insert(r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64);
     }
-    let active = ["queued", "running"].iter().any(|s| jobs.contains_key(*s));
-    let all_ok = jobs.keys().all(|s| s == "succeeded");
-    let state = if active {
-        "active"
-    } else if all_ok {
-        "completed"
-    } else {
-        "failed"
-    };
-    let created_at = doc
-        .get("created_at")
-        .cloned()
-        .and_then(|v| serde_json::from_value(v).ok())
-        .ok_or_else(|| StoreError::Corrupt(format!("run {id} has no created_at")))?;
-    Ok(Run {
-        id,
-        tenant,
-        project,
-        kind: text("kind").unwrap_or_default(),
-        created_by: text("created_by").unwrap_or_default(),
-        created_at,
-        params: doc.get("params").cloned().unwrap_or_default(),
-        reason: text("reason"),
-        ticket: text("ticket"),
-        state: state.to_string(),
-        jobs,
-    })
-}
-
-/// The actor of a worker event: the worker holding the job's lease.
-fn lease_holder(job: &Job) -> String {
-    job.lease.as_ref().map_or_else(|| "unknown-worker".to_string(), |l| l.worker.clone())
+    ledger::decode_run(id, tenant, project, doc, jobs)
 }
 
 /// A filtered, keyset-paginated SELECT built from optional conditions.

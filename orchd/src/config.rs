@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
-    /// The ledger file.
-    pub db: PathBuf,
+    /// The ledger: a SQLite file, or a `postgres://` URL that several orchd may share.
+    pub db: orch_store::Location,
     /// Where the control plane listens.
     pub listen: SocketAddr,
     /// `normal` (survives a crash of orchd) or `full` (survives power loss; slower).
@@ -62,7 +62,7 @@ impl Default for Settings {
     fn default() -> Self {
         let store = StoreOptions::default();
         Settings {
-            db: PathBuf::from("orchd.db"),
+            db: orch_store::Location::Sqlite(PathBuf::from("orchd.db")),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             synchronous: "normal".into(),
             default_lease_ms: store.default_lease_ms,
@@ -250,7 +250,7 @@ mod tests {
         assert_eq!(s.default_lease_ms, 5000);
         assert_eq!(s.retry.base_ms, 300);
         assert_eq!(s.retry.max_ms, RetryPolicy::default().max_ms);
-        assert_eq!(s.db, PathBuf::from("/tmp/x.db"));
+        assert_eq!(s.db, orch_store::Location::Sqlite(PathBuf::from("/tmp/x.db")));
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub struct AppState {
     /// Flow-control rules and live state (buckets, breakers).
     pub flow: Arc<std::sync::Mutex<flow::FlowControl>>,
     ready: Arc<AtomicBool>,
+    leader: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -59,6 +60,7 @@ impl AppState {
             events,
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
+            leader: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -76,6 +78,25 @@ impl AppState {
     /// Whether the daemon is ready.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Whether this daemon runs the once-per-site services (see [`Store::leads`]).
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
+    }
+
+    /// Asks the store whether this daemon leads, and remembers the answer. A store that cannot
+    /// tell (its database unreachable) makes it a follower until it can.
+    pub async fn check_leadership(&self) -> bool {
+        let leads = self.blocking(|s| s.leads()).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot tell whether this orchd leads; following");
+            false
+        });
+        let was = self.leader.swap(leads, Ordering::SeqCst);
+        if was && !leads {
+            tracing::warn!("this orchd no longer runs the site's background services");
+        }
+        leads
     }
 
     /// Runs a blocking store call on the blocking pool, never holding a connection across `.await`.
@@ -121,6 +142,7 @@ pub async fn run(
         Ok(())
     })?;
     state.events.start_at(head.saturating_sub(state.settings.events.buffer_size as u64));
+    state.check_leadership().await;
     let services = services::spawn_all(&state, stop_rx.clone());
     state.set_ready();
     let app = http::router(state.clone());

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use orch_store::{SqliteStore, Store};
+use orch_store::{Location, Store};
 use orchd::config::Settings;
 use orchd::{AppState, SystemClock};
 
@@ -27,9 +27,10 @@ enum Command {
         /// Settings file (TOML). `ORCHD_*` environment variables override it.
         #[arg(long, env = "ORCHD_CONFIG")]
         config: Option<PathBuf>,
-        /// Ledger file; created and migrated if absent [default: ./orchd.db].
+        /// Ledger: a SQLite file, or a `postgres://` URL that several orchd may share; created
+        /// and migrated if absent [default: ./orchd.db].
         #[arg(long)]
-        db: Option<PathBuf>,
+        db: Option<Location>,
         /// Address to listen on [default: 127.0.0.1:8080].
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
@@ -49,9 +50,9 @@ enum Command {
     Import {
         /// The bundle (.tar.zst).
         file: PathBuf,
-        /// Ledger file.
+        /// Ledger: a SQLite file or a `postgres://` URL.
         #[arg(long, default_value = "orchd.db")]
-        db: PathBuf,
+        db: Location,
         /// The trusted root.json.
         #[arg(long)]
         root: PathBuf,
@@ -90,9 +91,9 @@ enum Command {
     },
     /// Lower a rate limit (`--host H`, or the tenant's) for a while (audited).
     Throttle {
-        /// Ledger file.
+        /// Ledger: a SQLite file or a `postgres://` URL.
         #[arg(long, default_value = "orchd.db")]
-        db: PathBuf,
+        db: Location,
         /// The tenant.
         #[arg(long)]
         tenant: String,
@@ -114,9 +115,9 @@ enum Command {
     },
     /// Retry a dead-lettered or cancelled job (`--job`), or every dead-lettered job (of `--queue`).
     Retry {
-        /// Ledger file.
+        /// Ledger: a SQLite file or a `postgres://` URL.
         #[arg(long, default_value = "orchd.db")]
-        db: PathBuf,
+        db: Location,
         /// The tenant.
         #[arg(long)]
         tenant: String,
@@ -135,9 +136,9 @@ enum Command {
     },
     /// Cancel a job that has not finished.
     Cancel {
-        /// Ledger file.
+        /// Ledger: a SQLite file or a `postgres://` URL.
         #[arg(long, default_value = "orchd.db")]
-        db: PathBuf,
+        db: Location,
         /// The tenant.
         #[arg(long)]
         tenant: String,
@@ -150,9 +151,9 @@ enum Command {
     },
     /// Replay a run: start a new run with the same jobs and dependencies (audited).
     Replay {
-        /// Ledger file.
+        /// Ledger: a SQLite file or a `postgres://` URL.
         #[arg(long, default_value = "orchd.db")]
-        db: PathBuf,
+        db: Location,
         /// The tenant.
         #[arg(long)]
         tenant: String,
@@ -166,12 +167,26 @@ enum Command {
         #[arg(long)]
         ticket: Option<String>,
     },
+    /// Move a site's SQLite ledger into an empty PostgreSQL ledger (stop orchd first): every
+    /// row in one transaction, then the same check as `orchd check` on the copy. The site keeps
+    /// its id and history, so its bundles stay byte-identical. Exit 1 if the target is not empty.
+    CopyLedger {
+        /// The SQLite ledger file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The PostgreSQL ledger (`postgres://…`).
+        #[arg(long)]
+        to: Location,
+        /// Print the report as one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify a ledger: every event's hash, each tenant's hash chain, and that replaying the
     /// history reproduces the jobs table exactly. Exit 1 if anything is wrong.
     Check {
-        /// Ledger file.
+        /// Ledger: a SQLite file or a `postgres://` URL.
         #[arg(long, default_value = "orchd.db")]
-        db: PathBuf,
+        db: Location,
         /// Print the report as one JSON document.
         #[arg(long)]
         json: bool,
@@ -181,9 +196,9 @@ enum Command {
 /// What an operator control applies to.
 #[derive(clap::Args)]
 struct ControlArgs {
-    /// Ledger file.
+    /// Ledger: a SQLite file or a `postgres://` URL.
     #[arg(long, default_value = "orchd.db")]
-    db: PathBuf,
+    db: Location,
     /// The tenant.
     #[arg(long)]
     tenant: String,
@@ -205,9 +220,9 @@ struct ControlArgs {
 enum TokenCommand {
     /// Create a token and print it once on stdout (only its hash is stored).
     Create {
-        /// Ledger file.
+        /// Ledger: a SQLite file or a `postgres://` URL.
         #[arg(long, default_value = "orchd.db")]
-        db: PathBuf,
+        db: Location,
         /// The tenant the token is bound to, or `*` for a site administrator.
         #[arg(long)]
         tenant: String,
@@ -223,17 +238,17 @@ enum TokenCommand {
     },
     /// Revoke a token by id; it stops working at once.
     Revoke {
-        /// Ledger file.
+        /// Ledger: a SQLite file or a `postgres://` URL.
         #[arg(long, default_value = "orchd.db")]
-        db: PathBuf,
+        db: Location,
         /// The token's id (as `token list` shows).
         id: String,
     },
     /// List tokens (never their secrets).
     List {
-        /// Ledger file.
+        /// Ledger: a SQLite file or a `postgres://` URL.
         #[arg(long, default_value = "orchd.db")]
-        db: PathBuf,
+        db: Location,
         /// One JSON document.
         #[arg(long)]
         json: bool,
@@ -284,7 +299,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let max_age_ms = max_age
                 .map(|s| humantime::parse_duration(&s).with_context(|| format!("--max-age {s:?}")))
                 .transpose()?
-                .map(|d| d.as_millis() as u64);
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let opts = orchd::import::ImportOptions {
                 root,
@@ -295,10 +310,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reason,
                 ticket,
             };
-            let store = SqliteStore::open(&db, Arc::new(SystemClock), Default::default(), Default::default())
-                .with_context(|| format!("opening {}", db.display()))?;
+            let store = open(&db, true)?;
             let actor = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "operator".into()));
-            match orchd::import::import(&store, &actor, &bytes, &opts, !dry_run) {
+            match orchd::import::import(&*store, &actor, &bytes, &opts, !dry_run) {
                 Ok((plan, outcome)) => {
                     if json {
                         println!("{}", serde_json::json!({ "plan": plan, "outcome": outcome }));
@@ -387,7 +401,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay { db, tenant, run, reason, ticket } => {
             let store = open_existing(&db)?;
             let scope = orch_store::Scope::Tenant(tenant);
-            match orchd::http::flow::replay_run(&store, &scope, &cli_actor(), run, reason, ticket) {
+            match orchd::http::flow::replay_run(&*store, &scope, &cli_actor(), run, reason, ticket) {
                 Ok((new, jobs)) => println!("run {new_id} replays run {run} with {} jobs", jobs.len(), new_id = new.id),
                 Err(e) => return not_found_is_1(e),
             }
@@ -397,9 +411,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&orchd::http::openapi_document())?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::CopyLedger { from, to, json } => {
+            let Location::Postgres(url) = &to else {
+                anyhow::bail!("--to must be a postgres:// URL (copy-ledger moves a SQLite ledger into PostgreSQL)");
+            };
+            if !from.exists() {
+                anyhow::bail!("{}: no such ledger", from.display());
+            }
+            let src =
+                orch_store::SqliteStore::open(&from, Arc::new(SystemClock), Default::default(), Default::default())
+                    .with_context(|| format!("opening {}", from.display()))?;
+            let dst = orch_store::PgStore::open(url, Arc::new(SystemClock), Default::default())
+                .with_context(|| format!("opening {to}"))?;
+            let report = match orch_store::copy_ledger(&src, &dst) {
+                Ok(r) => r,
+                Err(e @ orch_store::StoreError::Refused(_)) => {
+                    eprintln!("orchd: refused: {e}");
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("copying {} to {to}", from.display()))),
+            };
+            let check = orch_store::check_ledger(&dst)?;
+            if json {
+                println!("{}", serde_json::json!({ "copy": report, "check": check }));
+            } else {
+                let rows: u64 = report.tables.iter().map(|(_, n)| n).sum();
+                println!("copied {rows} rows of site {} from {} to {to}", report.site_id, from.display());
+                for p in &check.problems {
+                    println!("FAIL {p}");
+                }
+                if check.ok() {
+                    println!(
+                        "ok: {} events in {} chains, {} jobs reproduced by replay",
+                        check.events, check.tenants, check.jobs
+                    );
+                }
+            }
+            Ok(if check.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::Check { db, json } => {
             let store = open_existing(&db)?;
-            let report = orch_store::check_ledger(&store)?;
+            let report = orch_store::check_ledger(&*store)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else if report.ok() {
@@ -469,12 +521,16 @@ fn pause(on: ControlArgs, resume: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// Opens a ledger that must exist already.
-fn open_existing(db: &std::path::Path) -> anyhow::Result<SqliteStore> {
-    if !db.exists() {
-        anyhow::bail!("{}: no such ledger", db.display());
+fn open_existing(db: &Location) -> anyhow::Result<Arc<dyn Store>> {
+    open(db, false)
+}
+
+/// Opens a ledger (creating it, with `create`) for a command.
+fn open(db: &Location, create: bool) -> anyhow::Result<Arc<dyn Store>> {
+    match db.open(Arc::new(SystemClock), Default::default(), Default::default(), create) {
+        Err(orch_store::StoreError::Missing { what: "ledger", .. }) => anyhow::bail!("{db}: no such ledger"),
+        r => r.with_context(|| format!("opening {db}")),
     }
-    SqliteStore::open(db, Arc::new(SystemClock), Default::default(), Default::default())
-        .with_context(|| format!("opening {}", db.display()))
 }
 
 fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
@@ -488,8 +544,7 @@ fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
             }
             let now = orch_core::Clock::now(&SystemClock);
             let expires_at = expires.as_deref().map(|e| parse_expiry(e, now)).transpose()?;
-            let store = SqliteStore::open(&db, Arc::new(SystemClock), Default::default(), Default::default())
-                .with_context(|| format!("opening {}", db.display()))?;
+            let store = open(&db, true)?;
             let (id, secret) = auth::mint_token();
             let record = store.put_token(orch_store::NewToken {
                 id,
@@ -548,7 +603,11 @@ fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
 /// `30d`-style durations from `now`, or an RFC 3339 instant.
 fn parse_expiry(text: &str, now: orch_core::Timestamp) -> anyhow::Result<orch_core::Timestamp> {
     if let Ok(d) = humantime::parse_duration(text) {
-        return Ok(now.plus_millis(d.as_millis().min(i64::MAX as u128) as i64));
+        let at = now.plus_millis(d.as_millis().min(i64::MAX as u128) as i64);
+        // An instant past year 9999 could be stored but not read back as text.
+        orch_core::Timestamp::parse(&at.to_string())
+            .map_err(|_| anyhow::anyhow!("--expires {text:?}: too far in the future"))?;
+        return Ok(at);
     }
     orch_core::Timestamp::parse(text)
         .map_err(|_| anyhow::anyhow!("--expires {text:?}: expected a duration like 30d or an RFC 3339 time"))
@@ -560,14 +619,14 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     rt.block_on(async move {
         let clock = Arc::new(SystemClock);
         let sync = settings.sync_mode()?;
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&settings.db, clock.clone(), settings.store_options(), sync)
-                .with_context(|| format!("opening ledger {}", settings.db.display()))?,
-        );
+        let store = settings
+            .db
+            .open(clock.clone(), settings.store_options(), sync, true)
+            .with_context(|| format!("opening ledger {}", settings.db))?;
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
-        tracing::info!(db = %settings.db.display(), "ledger open");
+        tracing::info!(db = %settings.db, "ledger open");
         let demo = settings.demo;
         let state = AppState::new(store, clock, settings).with_jwt(jwt);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

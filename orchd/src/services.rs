@@ -1,6 +1,11 @@
 //! Background services: the lease reaper, the idempotency-record sweeper, the event tailer, the
 //! webhook and NATS publishers, the scheduler, and the re-reading of flow-control rules.
 //! Each is a task that loops on an interval until the stop signal flips.
+//!
+//! Where several daemons share a ledger (PostgreSQL), the services that act for the whole site
+//! (reaper, sweeper, scheduler, incident checks, webhook and NATS delivery) run only on the
+//! elected leader, re-elected every second; the event tailer and the flow-rule reload serve the
+//! daemon's own clients and run everywhere.
 
 use std::time::Duration;
 
@@ -13,7 +18,11 @@ use crate::AppState;
 pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     let interval = Duration::from_millis(state.settings.reaper_interval_ms);
     let ttl = state.settings.idempotency_ttl_ms;
-    let sweeper = spawn_periodic(
+    let election =
+        spawn_periodic("leader-election", state.clone(), Duration::from_secs(1), stop.clone(), |st| async move {
+            st.check_leadership().await;
+        });
+    let sweeper = spawn_leader_periodic(
         "idempotency-sweeper",
         state.clone(),
         Duration::from_secs(60),
@@ -27,7 +36,7 @@ pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandl
             }
         },
     );
-    let reaper = spawn_periodic("lease-reaper", state.clone(), interval, stop.clone(), |state| async move {
+    let reaper = spawn_leader_periodic("lease-reaper", state.clone(), interval, stop.clone(), |state| async move {
         loop {
             match state.blocking(|s| s.reap_expired_leases(1_000)).await {
                 Ok(1_000) => continue, // more may be waiting
@@ -67,7 +76,7 @@ pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandl
     let hook_poll = Duration::from_millis(state.settings.webhooks.poll_ms);
     let webhooks = {
         let outbox = outbox.clone();
-        spawn_periodic("webhooks", state.clone(), hook_poll, stop.clone(), move |st| {
+        spawn_leader_periodic("webhooks", state.clone(), hook_poll, stop.clone(), move |st| {
             let outbox = outbox.clone();
             async move {
                 if let Err(e) = crate::hooks::deliver_once(&st, &outbox).await {
@@ -76,13 +85,16 @@ pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandl
             }
         })
     };
-    let scheduler = spawn_periodic("scheduler", state.clone(), Duration::from_secs(1), stop.clone(), |st| async move {
-        match crate::schedules::fire_due(&st).await {
-            Ok(f) if f.enqueued > 0 => tracing::info!(enqueued = f.enqueued, skipped = f.skipped, "schedules fired"),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "scheduler failed"),
-        }
-    });
+    let scheduler =
+        spawn_leader_periodic("scheduler", state.clone(), Duration::from_secs(1), stop.clone(), |st| async move {
+            match crate::schedules::fire_due(&st).await {
+                Ok(f) if f.enqueued > 0 => {
+                    tracing::info!(enqueued = f.enqueued, skipped = f.skipped, "schedules fired")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "scheduler failed"),
+            }
+        });
     // Rules changed by `orchd` commands on the same database reach the claim path here.
     let reload = Duration::from_millis(state.flow.lock().map(|f| f.reload_ms()).unwrap_or(1_000));
     let flow = spawn_periodic("flow-rules", state.clone(), reload, stop.clone(), |st| async move {
@@ -91,7 +103,7 @@ pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandl
         }
     });
     let check = Duration::from_millis(state.settings.flow.incidents.check_ms);
-    let incidents = spawn_periodic("incidents", state.clone(), check, stop.clone(), |st| async move {
+    let incidents = spawn_leader_periodic("incidents", state.clone(), check, stop.clone(), |st| async move {
         match crate::incidents::check(&st).await {
             Ok(c) => {
                 for i in &c.opened {
@@ -104,7 +116,7 @@ pub fn spawn_all(state: &AppState, stop: watch::Receiver<bool>) -> Vec<JoinHandl
             Err(e) => tracing::error!(error = %e, "checking incidents failed"),
         }
     });
-    let mut tasks = vec![reaper, sweeper, tailer, webhooks, scheduler, flow, incidents];
+    let mut tasks = vec![election, reaper, sweeper, tailer, webhooks, scheduler, flow, incidents];
     if let Some(url) = state.settings.nats.url.clone() {
         tasks.push(spawn_nats(state.clone(), url, site_id, outbox, stop));
     }
@@ -155,7 +167,14 @@ fn spawn_nats(
                 }
             };
             loop {
-                match crate::hooks::publish_once(&state, &js, &site_id, &outbox).await {
+                // Only the leader publishes (the stream would drop the others' copies by
+                // `Nats-Msg-Id`, but they need not be sent).
+                let published = if state.is_leader() {
+                    crate::hooks::publish_once(&state, &js, &site_id, &outbox).await
+                } else {
+                    Ok(0)
+                };
+                match published {
                     Ok(500) => continue,
                     Ok(_) => {}
                     Err(e) => {
@@ -170,6 +189,28 @@ fn spawn_nats(
             }
         }
         tracing::debug!(service = "nats", "stopped");
+    })
+}
+
+/// [`spawn_periodic`] for a once-per-site service: its ticks run only while this daemon leads.
+pub fn spawn_leader_periodic<F, Fut>(
+    name: &'static str,
+    state: AppState,
+    interval: Duration,
+    stop: watch::Receiver<bool>,
+    mut tick: F,
+) -> JoinHandle<()>
+where
+    F: FnMut(AppState) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    spawn_periodic(name, state, interval, stop, move |st| {
+        let run = st.is_leader().then(|| tick(st));
+        async move {
+            if let Some(run) = run {
+                run.await;
+            }
+        }
     })
 }
 

@@ -83,7 +83,7 @@ impl From<StoreError> for ApiError {
             StoreError::LeaseLost { .. } | StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             // The ledger cannot take writes now: say so plainly; the transaction rolled back.
-            StoreError::Backend(_) => {
+            StoreError::Backend(_) | StoreError::Postgres(_) => {
                 let (status, message) = match e.code() {
                     "storage_full" => (
                         StatusCode::INSUFFICIENT_STORAGE,
@@ -91,6 +91,10 @@ impl From<StoreError> for ApiError {
                     ),
                     "read_only" => (StatusCode::SERVICE_UNAVAILABLE, "the ledger is read-only: nothing was written"),
                     "busy" => (StatusCode::SERVICE_UNAVAILABLE, "the ledger is busy: nothing was written; retry"),
+                    "unavailable" => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the ledger's database cannot be reached: nothing was written; retry",
+                    ),
                     _ => return ApiError::internal(e),
                 };
                 tracing::error!(error = %e, "a write was refused by the database");

@@ -151,10 +151,12 @@ async fn healthz() -> Json<Value> {
 
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "Migrations ran and the services run", body = Object), (status = 503, body = ErrorEnvelope)))]
-/// Readiness: ready once the ledger is migrated and the services started.
+/// Readiness: ready once the ledger is migrated and the services started. `leader` says whether
+/// this daemon runs the site's once-per-site services (always, on SQLite; one of several
+/// daemons sharing a PostgreSQL ledger).
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.is_ready() {
-        Json(json!({"status": "ready"})).into_response()
+        Json(json!({"status": "ready", "leader": state.is_leader()})).into_response()
     } else {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "starting").into_response()
     }
