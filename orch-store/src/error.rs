@@ -107,10 +107,12 @@ impl StoreError {
                 Some(rusqlite::ErrorCode::DiskFull) => "storage_full",
                 Some(rusqlite::ErrorCode::ReadOnly) => "read_only",
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => "busy",
+                Some(rusqlite::ErrorCode::DatabaseCorrupt) => "corrupt_ledger",
                 _ => "backend_error",
             },
             StoreError::Postgres(e) => match e.code().map(postgres::error::SqlState::code) {
                 Some("53100") => "storage_full",
+                Some("XX001" | "XX002") => "corrupt_ledger",
                 Some("25006") => "read_only",
                 // Serialisation failures, deadlocks, lock timeouts, shutdowns, too many clients.
                 Some("40001" | "40P01" | "55P03" | "57P01" | "57P03" | "53300") => "busy",

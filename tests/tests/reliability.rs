@@ -1,7 +1,8 @@
 //! The daemon at the edge of its resources: a full disk refuses writes with a clear error and
 //! loses nothing, and recovers when space is freed; an immutable ledger file stops the daemon
-//! before it starts. These need a tmpfs mount and `chattr` (root with the capabilities); where
-//! they are not available the test says so and skips, unless `ORCH_REQUIRE_MOUNT` is set.
+//! before it starts; a ledger file damaged on disk is reported, not crashed on. The first two
+//! need a tmpfs mount and `chattr` (root with the capabilities); where they are not available
+//! the test says so and skips, unless `ORCH_REQUIRE_MOUNT` is set.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -100,4 +101,79 @@ fn an_immutable_ledger_stops_the_daemon_before_it_starts() {
     let last = err.trim().lines().last().unwrap_or_default().to_string();
     assert!(last.contains("orchd.db") && (last.contains("read-only") || last.contains("readonly")), "{err}");
     assert_eq!(std::fs::read(&db).unwrap(), before, "the ledger is untouched");
+}
+
+/// A ledger file damaged on disk (pages overwritten, as a failing disk or a stray `dd` would):
+/// `orchd check` says so in one line and fails; a daemon on it answers what it cannot read with
+/// an error envelope (`corrupt_ledger`) instead of dropping the connection, and keeps running.
+#[test]
+fn a_damaged_ledger_file_is_reported_not_crashed_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("orchd.db");
+    let admin = token(&db, "acme", "orch:read,orch:work");
+    {
+        let d = Daemon::start(&db, &[]);
+        let api = Client::new(&d.url, Some(&admin));
+        for chunk in 0..20 {
+            let jobs: Vec<_> = (0..100)
+                .map(|i| json!({"queue": "q", "payload": {"n": chunk * 100 + i, "pad": "x".repeat(200)}}))
+                .collect();
+            let r = api.post("/api/v1/jobs/batch", &json!({ "jobs": jobs }));
+            assert_eq!(r.status, 200, "{}", r.json);
+        }
+        assert!(d.stop().success());
+    }
+    // Overwrite a stretch of pages past the schema pages.
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() > 256 * 1024, "the ledger is large enough to damage its middle: {}", bytes.len());
+    let mid = bytes.len() / 2;
+    for (i, b) in bytes[mid..mid + 64 * 1024].iter_mut().enumerate() {
+        *b = (i * 131 % 251) as u8;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+
+    let (code, out, err) = run("orchd", &["check", "--db", db.to_str().unwrap()]);
+    assert_ne!(code, 0, "a damaged ledger does not pass: {out}{err}");
+    let said = format!("{out}{err}");
+    assert!(said.contains("malformed") || said.contains("corrupt") || said.contains("FAIL"), "{said}");
+
+    // The daemon may refuse to start (one line, exit 2) or start; started, it answers reads that
+    // touch the damaged pages with an envelope and stays up.
+    let mut child = std::process::Command::new(orch_e2e::bin("orchd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let Some(url) = line.trim().strip_prefix("orchd listening on ").map(str::to_string) else {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.trim().lines().last().unwrap_or_default().starts_with("orchd: "), "{err}");
+        return;
+    };
+    let api = Client::new(&url, Some(&admin));
+    let mut errors = 0;
+    for first in ["/api/v1/jobs?limit=500", "/api/v1/history?limit=1000"] {
+        let mut path = first.to_string();
+        loop {
+            let r = api.get(&path);
+            if r.status != 200 {
+                assert_eq!(r.status, 503, "{}", r.json);
+                assert_eq!(r.json["error"]["code"], "corrupt_ledger", "{}", r.json);
+                errors += 1;
+                break;
+            }
+            match r.header("link") {
+                Some(link) => path = link.trim_start_matches('<').split('>').next().unwrap().to_string(),
+                None => break,
+            }
+        }
+    }
+    assert!(errors > 0, "reading across the damaged pages is refused");
+    assert_eq!(api.get("/healthz").status, 200, "the daemon is still up");
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -82,23 +82,33 @@ impl From<StoreError> for ApiError {
             }
             StoreError::LeaseLost { .. } | StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            // The ledger cannot take writes now: say so plainly; the transaction rolled back.
-            StoreError::Backend(_) | StoreError::Postgres(_) => {
-                let (status, message) = match e.code() {
+            // The database cannot serve the call now: say so plainly; the transaction rolled back.
+            StoreError::Backend(_) | StoreError::Postgres(_) | StoreError::Corrupt(_) => {
+                let (status, message, retry) = match e.code() {
                     "storage_full" => (
                         StatusCode::INSUFFICIENT_STORAGE,
                         "the ledger's disk is full: nothing was written; free space and retry",
+                        true,
                     ),
-                    "read_only" => (StatusCode::SERVICE_UNAVAILABLE, "the ledger is read-only: nothing was written"),
-                    "busy" => (StatusCode::SERVICE_UNAVAILABLE, "the ledger is busy: nothing was written; retry"),
+                    "read_only" => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "the ledger is read-only: nothing was written", true)
+                    }
+                    "busy" => (StatusCode::SERVICE_UNAVAILABLE, "the ledger is busy: nothing was written; retry", true),
                     "unavailable" => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "the ledger's database cannot be reached: nothing was written; retry",
+                        true,
+                    ),
+                    "corrupt_ledger" => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the ledger is damaged: nothing was written; stop orchd, run `orchd check` and restore from a backup",
+                        false,
                     ),
                     _ => return ApiError::internal(e),
                 };
-                tracing::error!(error = %e, "a write was refused by the database");
-                return ApiError::new(status, e.code(), message).with_details(json!({"retry_after_s": 1}));
+                tracing::error!(error = %e, "the database refused an operation");
+                let details = if retry { json!({"retry_after_s": 1}) } else { json!({}) };
+                return ApiError::new(status, e.code(), message).with_details(details);
             }
             _ => return ApiError::internal(e),
         };
