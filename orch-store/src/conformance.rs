@@ -762,6 +762,47 @@ pub fn ack_many_item_by_item(h: Harness) {
     assert_ledger_ok(&h);
 }
 
+/// Every filter of the job and history listings selects exactly what it names, in the scope.
+pub fn listing_filters(h: Harness) {
+    let mut a = NewJob::new("acme", "p1", "ingest", json!({}));
+    a.source = Some("nvd".into());
+    a.correlation_id = Some("corr-a".into());
+    let b = NewJob::new("acme", "p2", "report", json!({}));
+    let c = NewJob::new("globex", "p1", "ingest", json!({}));
+    let out = h.store.enqueue("test", vec![a, b, c]).unwrap();
+    let (ja, jb) = (out[0].job.id, out[1].job.id);
+    h.clock.advance(Duration::from_secs(10));
+    assert_eq!(claim(&h, "acme", "report", 1).len(), 1);
+    let mid = T0.plus_millis(5_000);
+    let jobs = |f: JobFilter| -> Vec<i64> {
+        h.store.jobs(&t("acme"), &f, PageRequest::default()).unwrap().items.iter().map(|j| j.id).collect()
+    };
+    assert_eq!(jobs(JobFilter::default()), vec![ja, jb], "only the tenant's jobs");
+    assert_eq!(jobs(JobFilter { queue: Some("ingest".into()), ..Default::default() }), vec![ja]);
+    assert_eq!(jobs(JobFilter { project: Some("p2".into()), ..Default::default() }), vec![jb]);
+    assert_eq!(jobs(JobFilter { source: Some("nvd".into()), ..Default::default() }), vec![ja]);
+    assert_eq!(jobs(JobFilter { correlation_id: Some("corr-a".into()), ..Default::default() }), vec![ja]);
+    assert_eq!(jobs(JobFilter { state: Some(JobState::Running), ..Default::default() }), vec![jb]);
+    assert_eq!(jobs(JobFilter { updated_since: Some(mid), ..Default::default() }), vec![jb]);
+    assert_eq!(jobs(JobFilter { updated_before: Some(mid), ..Default::default() }), vec![ja]);
+    assert_eq!(jobs(JobFilter { run: Some(1), ..Default::default() }), Vec::<i64>::new());
+    let events = |f: HistoryFilter| -> Vec<(Option<i64>, String)> {
+        let page = h.store.history(&t("acme"), &f, PageRequest::default()).unwrap();
+        page.items.iter().map(|e| (e.job_id, e.event.type_name().to_string())).collect()
+    };
+    let enq = |id| (Some(id), "job.enqueued".to_string());
+    let claimed = (Some(jb), "job.claimed".to_string());
+    assert_eq!(events(HistoryFilter::default()), vec![enq(ja), enq(jb), claimed.clone()]);
+    assert_eq!(events(HistoryFilter { job_id: Some(jb), ..Default::default() }), vec![enq(jb), claimed.clone()]);
+    assert_eq!(
+        events(HistoryFilter { event_type: Some("job.claimed".into()), ..Default::default() }),
+        vec![claimed.clone()]
+    );
+    assert_eq!(events(HistoryFilter { correlation_id: Some("corr-a".into()), ..Default::default() }), vec![enq(ja)]);
+    assert_eq!(events(HistoryFilter { since: Some(mid), ..Default::default() }), vec![claimed]);
+    assert_eq!(events(HistoryFilter { before: Some(mid), ..Default::default() }), vec![enq(ja), enq(jb)]);
+}
+
 /// Expands to one `#[test]` per conformance case for a backend, given an [`Opener`] expression;
 /// optionally a function that says why the backend cannot be tested here (`skip = f`: when it
 /// gives `Some(reason)`, each case prints it and passes without testing) and how many random
@@ -779,7 +820,7 @@ macro_rules! store_conformance {
             enqueue_claim_heartbeat_ack, fail_retry_dead_letter, lease_expiry_reclaim,
             idempotent_enqueue, stale_lease_rejected, claim_order_and_run_after,
             tenant_isolation, bad_input_changes_nothing, cancel_and_conflicts, pagination,
-            dag_dependencies, claim_gate, incidents_reconcile, ack_many_item_by_item);
+            dag_dependencies, claim_gate, incidents_reconcile, ack_many_item_by_item, listing_filters);
 
         proptest::proptest! {
             #![proptest_config(proptest::prelude::ProptestConfig::with_cases($cases))]

@@ -929,6 +929,49 @@ pub(crate) fn failure_record(line: &str, source: Option<String>, queue: String) 
     })
 }
 
+/// A value a listing is filtered by.
+pub(crate) enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// One condition of a listing: `<column> <operator>` and its value.
+pub(crate) type Cond = (&'static str, Arg);
+
+fn push(conds: &mut Vec<Cond>, lhs: &'static str, v: Option<Arg>) {
+    if let Some(v) = v {
+        conds.push((lhs, v));
+    }
+}
+
+/// The conditions of a job listing in a scope, the same on every backend.
+pub(crate) fn job_conditions(scope: &Scope, f: &JobFilter) -> Vec<Cond> {
+    let text = |s: Option<&str>| s.map(|s| Arg::Text(s.to_string()));
+    let mut c = Vec::new();
+    push(&mut c, "tenant =", text(scope.tenant()));
+    push(&mut c, "state =", text(f.state.map(|s| s.as_str())));
+    push(&mut c, "queue =", text(f.queue.as_deref()));
+    push(&mut c, "project =", text(f.project.as_deref()));
+    push(&mut c, "source =", text(f.source.as_deref()));
+    push(&mut c, "correlation_id =", text(f.correlation_id.as_deref()));
+    push(&mut c, "run_id =", f.run.map(Arg::Int));
+    push(&mut c, "updated_at >=", f.updated_since.map(|t| Arg::Int(t.as_millis())));
+    push(&mut c, "updated_at <", f.updated_before.map(|t| Arg::Int(t.as_millis())));
+    c
+}
+
+/// The conditions of a history listing in a scope, the same on every backend.
+pub(crate) fn history_conditions(scope: &Scope, f: &HistoryFilter) -> Vec<Cond> {
+    let mut c = Vec::new();
+    push(&mut c, "tenant =", scope.tenant().map(|t| Arg::Text(t.to_string())));
+    push(&mut c, "job_id =", f.job_id.map(Arg::Int));
+    push(&mut c, "type =", f.event_type.clone().map(Arg::Text));
+    push(&mut c, "correlation_id =", f.correlation_id.clone().map(Arg::Text));
+    push(&mut c, "at >=", f.since.map(|t| Arg::Int(t.as_millis())));
+    push(&mut c, "at <", f.before.map(|t| Arg::Int(t.as_millis())));
+    c
+}
+
 /// The document an incident row stores.
 pub(crate) fn incident_doc(spec: &IncidentSpec) -> Result<String, StoreError> {
     serde_json::to_string(&spec.details).map_err(|e| StoreError::Invalid(e.to_string()))

@@ -848,6 +848,15 @@ impl Query {
         self.sql.push_str(&format!(" AND {lhs} {p}"));
     }
 
+    fn conds(&mut self, conds: Vec<ledger::Cond>) {
+        for (lhs, v) in conds {
+            match v {
+                ledger::Arg::Text(t) => self.cond(lhs, t),
+                ledger::Arg::Int(i) => self.cond(lhs, i),
+            }
+        }
+    }
+
     fn opt<T: ToSql + Sync + 'static>(&mut self, lhs: &str, v: Option<T>) {
         if let Some(v) = v {
             self.cond(lhs, v);
@@ -928,26 +937,13 @@ impl Store for PgStore {
 
     fn jobs(&self, scope: &Scope, filter: &JobFilter, page: PageRequest) -> Result<Page<Job>, StoreError> {
         let mut q = Query::new("SELECT id, doc FROM jobs WHERE true");
-        q.opt("tenant =", scope.tenant().map(String::from));
-        q.opt("state =", filter.state.map(|s| s.as_str().to_string()));
-        q.opt("queue =", filter.queue.clone());
-        q.opt("project =", filter.project.clone());
-        q.opt("source =", filter.source.clone());
-        q.opt("correlation_id =", filter.correlation_id.clone());
-        q.opt("run_id =", filter.run);
-        q.opt("updated_at >=", filter.updated_since.map(|t| t.as_millis()));
-        q.opt("updated_at <", filter.updated_before.map(|t| t.as_millis()));
+        q.conds(ledger::job_conditions(scope, filter));
         self.read(|db| q.page(db, "id", page.after, page.limit, decode_job))
     }
 
     fn history(&self, scope: &Scope, filter: &HistoryFilter, page: PageRequest) -> Result<Page<Event>, StoreError> {
         let mut q = Query::new("SELECT seq, line FROM history WHERE true");
-        q.opt("tenant =", scope.tenant().map(String::from));
-        q.opt("job_id =", filter.job_id);
-        q.opt("type =", filter.event_type.clone());
-        q.opt("correlation_id =", filter.correlation_id.clone());
-        q.opt("at >=", filter.since.map(|t| t.as_millis()));
-        q.opt("at <", filter.before.map(|t| t.as_millis()));
+        q.conds(ledger::history_conditions(scope, filter));
         self.read(|db| q.page(db, "seq", page.after, page.limit, decode_event))
     }
 

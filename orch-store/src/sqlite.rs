@@ -538,26 +538,13 @@ impl Store for SqliteStore {
 
     fn jobs(&self, scope: &Scope, filter: &JobFilter, page: PageRequest) -> Result<Page<Job>, StoreError> {
         let mut q = Query::new("SELECT id, doc FROM jobs WHERE id > ?", page.after);
-        q.opt("tenant = ?", scope.tenant().map(String::from));
-        q.opt("state = ?", filter.state.map(|s| s.as_str().to_string()));
-        q.opt("queue = ?", filter.queue.clone());
-        q.opt("project = ?", filter.project.clone());
-        q.opt("source = ?", filter.source.clone());
-        q.opt("correlation_id = ?", filter.correlation_id.clone());
-        q.opt("run_id = ?", filter.run);
-        q.opt("updated_at >= ?", filter.updated_since.map(|t| t.as_millis()));
-        q.opt("updated_at < ?", filter.updated_before.map(|t| t.as_millis()));
+        q.conds(ledger::job_conditions(scope, filter));
         self.read(|c| q.page(c, "id", page.limit, decode_job))
     }
 
     fn history(&self, scope: &Scope, filter: &HistoryFilter, page: PageRequest) -> Result<Page<Event>, StoreError> {
         let mut q = Query::new("SELECT seq, line FROM history WHERE seq > ?", page.after);
-        q.opt("tenant = ?", scope.tenant().map(String::from));
-        q.opt("job_id = ?", filter.job_id);
-        q.opt("type = ?", filter.event_type.clone());
-        q.opt("correlation_id = ?", filter.correlation_id.clone());
-        q.opt("at >= ?", filter.since.map(|t| t.as_millis()));
-        q.opt("at < ?", filter.before.map(|t| t.as_millis()));
+        q.conds(ledger::history_conditions(scope, filter));
         self.read(|c| q.page(c, "seq", page.limit, decode_event))
     }
 
@@ -1358,6 +1345,16 @@ struct Query {
 impl Query {
     fn new(base: &str, after: i64) -> Query {
         Query { sql: base.to_string(), args: vec![after.into()] }
+    }
+
+    fn conds(&mut self, conds: Vec<ledger::Cond>) {
+        for (lhs, v) in conds {
+            self.sql.push_str(&format!(" AND {lhs} ?"));
+            self.args.push(match v {
+                ledger::Arg::Text(t) => t.into(),
+                ledger::Arg::Int(i) => i.into(),
+            });
+        }
     }
 
     fn opt<T: Into<rusqlite::types::Value>>(&mut self, cond: &str, v: Option<T>) {
