@@ -725,8 +725,23 @@ pub(crate) fn decode_event(line: &str) -> Result<Event, StoreError> {
     Event::from_line(line).map_err(|e| StoreError::Corrupt(format!("stored event does not decode: {e}")))
 }
 
-pub(crate) fn decode_throttle(line: &str) -> Result<ThrottleRecord, StoreError> {
+/// A stored throttle line, as a record or as the JSON value a bundle carries.
+pub(crate) fn decode_throttle<T: serde::de::DeserializeOwned>(line: &str) -> Result<T, StoreError> {
     serde_json::from_str(line).map_err(|e| StoreError::Corrupt(format!("throttle record: {e}")))
+}
+
+/// A snapshot query on this site's tables, turned to the history imported from another site
+/// (the `imported_*` tables, which hold the same columns and a `site_id`).
+pub(crate) fn on_imported(sql: &str) -> String {
+    let mut sql = sql.to_string();
+    for (own, imported) in [
+        ("FROM history", "FROM imported_history"),
+        ("FROM jobs", "FROM imported_jobs"),
+        ("FROM throttles", "FROM imported_throttles"),
+    ] {
+        sql = sql.replace(own, imported);
+    }
+    sql
 }
 
 pub(crate) fn new_token() -> String {

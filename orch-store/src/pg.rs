@@ -1635,13 +1635,7 @@ impl PgSnapshot<'_, '_> {
     ) -> Result<(), StoreError> {
         let mut q = Query::new(sql);
         if let Some(origin) = &self.origin {
-            for (own, imported) in [
-                ("FROM history", "FROM imported_history"),
-                ("FROM jobs", "FROM imported_jobs"),
-                ("FROM throttles", "FROM imported_throttles"),
-            ] {
-                q.sql = q.sql.replace(own, imported);
-            }
+            q.sql = ledger::on_imported(&q.sql);
             q.cond("site_id =", origin.clone());
         }
         if let Some((from, to)) = range {
@@ -1729,7 +1723,7 @@ impl SnapshotReader for PgSnapshot<'_, '_> {
         f: &mut dyn FnMut(serde_json::Value) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         self.each_line("SELECT line FROM throttles WHERE true", scope, Some((from, to)), &mut |l| {
-            f(serde_json::from_str(l).map_err(|e| StoreError::Corrupt(format!("throttle record: {e}")))?)
+            f(decode_throttle(l)?)
         })
     }
 }

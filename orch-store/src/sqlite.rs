@@ -1101,7 +1101,7 @@ impl Store for SqliteStore {
     ) -> Result<Webhook, StoreError> {
         check_webhook(tenant, url, &filter)?;
         let id = self.write(|w| {
-            let head: i64 = w.tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM history", [], |r| r.get(0))?;
+            let head = w.tx.max_seq()? as i64;
             w.tx.execute(
                 "INSERT INTO webhooks (tenant, url, secret, filter, cursor, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![tenant, url, secret, filter.to_string(), head, w.now.as_millis()],
@@ -1409,13 +1409,7 @@ impl SqliteSnapshot<'_> {
         let mut sql = sql.to_string();
         let mut params: Vec<rusqlite::types::Value> = args.iter().map(|&a| a.into()).collect();
         if let Some(origin) = &self.origin {
-            for (own, imported) in [
-                ("FROM history", "FROM imported_history"),
-                ("FROM jobs", "FROM imported_jobs"),
-                ("FROM throttles", "FROM imported_throttles"),
-            ] {
-                sql = sql.replace(own, imported);
-            }
+            sql = ledger::on_imported(&sql);
             sql.push_str(" AND site_id = ?");
             params.push(origin.clone().into());
         }
@@ -1497,8 +1491,6 @@ impl SnapshotReader for SqliteSnapshot<'_> {
         f: &mut dyn FnMut(serde_json::Value) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let sql = "SELECT line FROM throttles WHERE seq >= ? AND seq <= ?";
-        self.each_line(sql, scope, &[from as i64, to.min(i64::MAX as u64) as i64], &mut |l| {
-            f(serde_json::from_str(l).map_err(|e| StoreError::Corrupt(format!("throttle record: {e}")))?)
-        })
+        self.each_line(sql, scope, &[from as i64, to.min(i64::MAX as u64) as i64], &mut |l| f(decode_throttle(l)?))
     }
 }
