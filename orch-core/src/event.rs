@@ -4,6 +4,9 @@
 //! (so it covers `prev_hash`, which is the `hash` of the tenant's previous event, or
 //! [`GENESIS_HASH`](crate::hash::GENESIS_HASH)). The canonical JSON of the whole event is one line
 //! of `history.jsonl`.
+//!
+//! Fields are declared in the order of their JSON keys, so that canonical JSON writes them as
+//! they come (see [`crate::job`]).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -24,22 +27,22 @@ pub enum EventKind {
     /// A worker leased a job.
     #[serde(rename = "job.claimed")]
     Claimed {
+        /// The attempt this claim starts (1 for the first).
+        attempt: u32,
+        /// When it lapses unless extended.
+        lease_expires_at: Timestamp,
         /// The new lease's token.
         lease_id: String,
         /// The worker holding it.
         worker: String,
-        /// When it lapses unless extended.
-        lease_expires_at: Timestamp,
-        /// The attempt this claim starts (1 for the first).
-        attempt: u32,
     },
     /// A worker extended its lease, perhaps reporting progress.
     #[serde(rename = "job.heartbeat")]
     Heartbeat {
-        /// The lease presented.
-        lease_id: String,
         /// The new expiry.
         lease_expires_at: Timestamp,
+        /// The lease presented.
+        lease_id: String,
         /// Progress, if reported.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         progress: Option<Value>,
@@ -47,19 +50,19 @@ pub enum EventKind {
     /// A worker acknowledged success.
     #[serde(rename = "job.succeeded")]
     Succeeded {
-        /// The lease presented.
-        lease_id: String,
         /// Outputs recorded.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         artifacts: Vec<Artifact>,
+        /// The lease presented.
+        lease_id: String,
     },
     /// A worker reported failure.
     #[serde(rename = "job.failed")]
     Failed {
-        /// The lease presented.
-        lease_id: String,
         /// The failure's class.
         class: String,
+        /// The lease presented.
+        lease_id: String,
         /// The failure's message.
         message: String,
         /// When the job runs again; `None` dead-letters it.
@@ -85,11 +88,11 @@ pub enum EventKind {
     /// An operator put a dead or cancelled job back in the queue with a fresh set of attempts.
     #[serde(rename = "job.retried")]
     Retried {
-        /// When it may run.
-        run_after: Timestamp,
         /// Why, if given.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// When it may run.
+        run_after: Timestamp,
     },
     /// A site or tenant event that changes no job (quota changes, pauses, imports…): its
     /// meaning is for the subsystem named by `action`, and it is chained and exported like any
@@ -144,27 +147,27 @@ pub struct EventDraft {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Event {
-    /// Position in the site's history, starting at 1, without gaps.
-    pub seq: u64,
-    /// When it happened.
-    pub at: Timestamp,
-    /// The tenant whose chain it belongs to.
-    pub tenant: String,
-    /// The project.
-    pub project: String,
-    /// The job it changes, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job_id: Option<JobId>,
     /// Who did it.
     pub actor: String,
+    /// When it happened.
+    pub at: Timestamp,
     /// Ties related events together.
     pub correlation_id: String,
     /// What happened.
     pub event: EventKind,
-    /// The `hash` of the tenant's previous event.
-    pub prev_hash: String,
     /// SHA-256 of this event's canonical JSON without this field.
     pub hash: String,
+    /// The job it changes, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+    /// The `hash` of the tenant's previous event.
+    pub prev_hash: String,
+    /// The project.
+    pub project: String,
+    /// Position in the site's history, starting at 1, without gaps.
+    pub seq: u64,
+    /// The tenant whose chain it belongs to.
+    pub tenant: String,
 }
 
 /// Errors encoding or decoding events.
@@ -199,26 +202,23 @@ impl EventDraft {
             prev_hash: prev_hash.to_string(),
             hash: String::new(),
         };
-        let mut v = serde_json::to_value(&ev).expect("events always encode");
-        if let Some(obj) = v.as_object_mut() {
-            obj.remove("hash");
-        }
-        ev.hash = sha256_hex(&canonical::value_to_vec(&v));
-        if let Some(obj) = v.as_object_mut() {
-            obj.insert("hash".into(), Value::String(ev.hash.clone()));
-        }
-        (ev, canonical::value_to_string(&v))
+        // One encoding for both: the line with an empty hash, whose `hash` member is cut out
+        // to hash and then filled in.
+        let (mut line, member) = canonical::to_vec_locating(&ev, "hash").expect("events always encode");
+        let member = member.expect("events have a hash");
+        let mut unsealed = Vec::with_capacity(line.len());
+        unsealed.extend_from_slice(&line[..member.span.start]);
+        unsealed.extend_from_slice(&line[member.span.end..]);
+        ev.hash = sha256_hex(&unsealed);
+        line.splice(member.value.start + 1..member.value.end - 1, ev.hash.bytes());
+        (ev, String::from_utf8(line).expect("canonical JSON is UTF-8"))
     }
 }
 
 impl Event {
     /// The hash this event should carry.
     pub fn compute_hash(&self) -> String {
-        let mut v = serde_json::to_value(self).expect("events always encode");
-        if let Some(obj) = v.as_object_mut() {
-            obj.remove("hash");
-        }
-        sha256_hex(&canonical::value_to_vec(&v))
+        sha256_hex(&canonical::to_vec_without(self, "hash").expect("events always encode"))
     }
 
     /// Whether the carried hash matches the content.
@@ -228,8 +228,9 @@ impl Event {
 
     /// The event's canonical JSON: its line in `history.jsonl` (without the newline).
     pub fn to_line(&self) -> String {
-        let v = serde_json::to_value(self).expect("events always encode");
-        canonical::value_to_string(&v)
+        let bytes = canonical::to_vec(self).expect("events always encode");
+        // The canonical writer writes only valid UTF-8.
+        String::from_utf8(bytes).expect("canonical JSON is UTF-8")
     }
 
     /// Parses one line of `history.jsonl`.

@@ -8,7 +8,10 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    // Into a buffer: `hex::encode` builds its string a char at a time, and every event is hashed.
+    let mut text = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(bytes), &mut text).expect("64 hex digits for 32 bytes");
+    String::from_utf8(text.to_vec()).expect("hex is ASCII")
 }
 
 /// Raw SHA-256 of `bytes`.

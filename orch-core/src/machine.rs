@@ -118,77 +118,86 @@ pub fn apply(job: Option<&Job>, ev: &Event) -> Result<Option<Job>, TransitionErr
         }));
     }
 
-    let prev = job.ok_or(TransitionError::UnknownJob(id))?;
-    if prev.tenant != ev.tenant {
+    let mut next = job.ok_or(TransitionError::UnknownJob(id))?.clone();
+    transition(&mut next, ev)?;
+    Ok(Some(next))
+}
+
+/// Applies a job event other than `job.enqueued` to the job it names, in place. Every arm checks
+/// before it changes anything, so a refused event leaves the job as it was.
+fn transition(job: &mut Job, ev: &Event) -> Result<(), TransitionError> {
+    let id = job.id;
+    if job.tenant != ev.tenant {
         return Err(TransitionError::TenantMismatch(id, ev.tenant.clone()));
     }
-    let invalid = || TransitionError::InvalidState { id, state: prev.state.as_str(), event: kind.type_name() };
-    let mut next = prev.clone();
-    next.updated_at = ev.at;
-    next.last_seq = ev.seq;
-
-    match kind {
+    let invalid =
+        |job: &Job| TransitionError::InvalidState { id, state: job.state.as_str(), event: ev.event.type_name() };
+    match &ev.event {
         EventKind::Claimed { lease_id, worker, lease_expires_at, attempt } => {
-            if prev.state != JobState::Queued {
-                return Err(invalid());
+            if job.state != JobState::Queued {
+                return Err(invalid(job));
             }
-            if *attempt != prev.attempt + 1 {
-                return Err(TransitionError::AttemptMismatch { id, expected: prev.attempt + 1, got: *attempt });
+            if *attempt != job.attempt + 1 {
+                return Err(TransitionError::AttemptMismatch { id, expected: job.attempt + 1, got: *attempt });
             }
-            next.state = JobState::Running;
-            next.attempt = *attempt;
-            next.progress = None;
-            next.lease = Some(Lease { id: lease_id.clone(), worker: worker.clone(), expires_at: *lease_expires_at });
+            job.state = JobState::Running;
+            job.attempt = *attempt;
+            job.progress = None;
+            job.lease = Some(Lease { id: lease_id.clone(), worker: worker.clone(), expires_at: *lease_expires_at });
         }
         EventKind::Heartbeat { lease_id, lease_expires_at, progress } => {
-            let lease = live_lease(prev, lease_id, ev)?;
-            next.lease = Some(Lease { expires_at: *lease_expires_at, ..lease.clone() });
+            live_lease(job, lease_id, ev)?;
+            if let Some(lease) = &mut job.lease {
+                lease.expires_at = *lease_expires_at;
+            }
             if progress.is_some() {
-                next.progress = progress.clone();
+                job.progress = progress.clone();
             }
         }
         EventKind::Succeeded { lease_id, artifacts } => {
-            live_lease(prev, lease_id, ev)?;
-            next.state = JobState::Succeeded;
-            next.lease = None;
-            next.artifacts = artifacts.clone();
-            next.finished_at = Some(ev.at);
+            live_lease(job, lease_id, ev)?;
+            job.state = JobState::Succeeded;
+            job.lease = None;
+            job.artifacts = artifacts.clone();
+            job.finished_at = Some(ev.at);
         }
         EventKind::Failed { lease_id, class, message, retry_at } => {
-            live_lease(prev, lease_id, ev)?;
-            fail(&mut next, class, message, *retry_at, ev);
+            live_lease(job, lease_id, ev)?;
+            fail(job, class, message, *retry_at, ev);
         }
         EventKind::LeaseExpired { lease_id, retry_at } => {
-            let lease = prev.lease.as_ref().filter(|_| prev.state == JobState::Running);
-            let lease = lease.ok_or_else(invalid)?;
+            let lease = job.lease.as_ref().filter(|_| job.state == JobState::Running);
+            let lease = lease.ok_or_else(|| invalid(job))?;
             if &lease.id != lease_id {
                 return Err(TransitionError::LeaseMismatch(id));
             }
             if lease.expires_at > ev.at {
                 return Err(TransitionError::LeaseNotExpired(id));
             }
-            fail(&mut next, "lease_expired", "lease expired without heartbeat", *retry_at, ev);
+            fail(job, "lease_expired", "lease expired without heartbeat", *retry_at, ev);
         }
         EventKind::Cancelled { .. } => {
-            if prev.state.is_terminal() {
-                return Err(invalid());
+            if job.state.is_terminal() {
+                return Err(invalid(job));
             }
-            next.state = JobState::Cancelled;
-            next.lease = None;
-            next.finished_at = Some(ev.at);
+            job.state = JobState::Cancelled;
+            job.lease = None;
+            job.finished_at = Some(ev.at);
         }
         EventKind::Retried { run_after, .. } => {
-            if !matches!(prev.state, JobState::Dead | JobState::Cancelled) {
-                return Err(invalid());
+            if !matches!(job.state, JobState::Dead | JobState::Cancelled) {
+                return Err(invalid(job));
             }
-            next.state = JobState::Queued;
-            next.attempt = 0;
-            next.spec.run_after = *run_after;
-            next.finished_at = None;
+            job.state = JobState::Queued;
+            job.attempt = 0;
+            job.spec.run_after = *run_after;
+            job.finished_at = None;
         }
-        EventKind::Enqueued(_) | EventKind::Audit { .. } => unreachable!("handled above"),
+        EventKind::Enqueued(_) | EventKind::Audit { .. } => unreachable!("handled by apply"),
     }
-    Ok(Some(next))
+    job.updated_at = ev.at;
+    job.last_seq = ev.seq;
+    Ok(())
 }
 
 /// The lease a worker event may act under: the job's current lease, if the ids match and it had
@@ -242,6 +251,11 @@ pub fn replay<'a>(events: impl IntoIterator<Item = &'a Event>) -> Result<BTreeMa
 
 /// Applies one event to a map of jobs; the streaming form of [`replay`].
 pub fn replay_one(jobs: &mut BTreeMap<JobId, Job>, ev: &Event) -> Result<(), ReplayError> {
+    // A job that exists changes in place; creating one, and refusing, is `apply`'s.
+    let is_change = !matches!(ev.event, EventKind::Enqueued(_) | EventKind::Audit { .. });
+    if let Some(job) = ev.job_id.filter(|_| is_change).and_then(|id| jobs.get_mut(&id)) {
+        return transition(job, ev).map_err(|source| ReplayError { seq: ev.seq, source });
+    }
     let prev = ev.job_id.and_then(|id| jobs.get(&id));
     match apply(prev, ev) {
         Ok(Some(job)) => {
@@ -250,5 +264,111 @@ pub fn replay_one(jobs: &mut BTreeMap<JobId, Job>, ev: &Event) -> Result<(), Rep
         }
         Ok(None) => Ok(()),
         Err(source) => Err(ReplayError { seq: ev.seq, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::GENESIS_HASH;
+    use crate::{EventDraft, JobSpec, Timestamp};
+
+    fn event(seq: u64, at: i64, kind: EventKind) -> Event {
+        EventDraft {
+            at: Timestamp::from_millis(at),
+            tenant: "acme".into(),
+            project: "feeds".into(),
+            job_id: Some(1),
+            actor: "w".into(),
+            correlation_id: "c".into(),
+            kind,
+        }
+        .seal(seq, GENESIS_HASH)
+    }
+
+    fn claimed(seq: u64, at: i64, lease: &str, attempt: u32) -> Event {
+        let kind = EventKind::Claimed {
+            lease_id: lease.into(),
+            worker: "w".into(),
+            lease_expires_at: Timestamp::from_millis(at + 1000),
+            attempt,
+        };
+        event(seq, at, kind)
+    }
+
+    fn history() -> Vec<Event> {
+        let spec = JobSpec {
+            queue: "q".into(),
+            source: None,
+            payload: serde_json::json!({"n": 1}),
+            priority: 0,
+            run_after: Timestamp::from_millis(0),
+            max_attempts: 3,
+            idempotency_key: None,
+            run: None,
+            depends_on: Vec::new(),
+            on_parent_failure: Default::default(),
+        };
+        vec![
+            event(1, 10, EventKind::Enqueued(spec)),
+            claimed(2, 20, "l1", 1),
+            event(
+                3,
+                30,
+                EventKind::Heartbeat {
+                    lease_id: "l1".into(),
+                    lease_expires_at: Timestamp::from_millis(2000),
+                    progress: Some(serde_json::json!(0.5)),
+                },
+            ),
+            event(
+                4,
+                40,
+                EventKind::Failed {
+                    lease_id: "l1".into(),
+                    class: "upstream".into(),
+                    message: "429".into(),
+                    retry_at: Some(Timestamp::from_millis(100)),
+                },
+            ),
+            claimed(5, 100, "l2", 2),
+            event(6, 110, EventKind::Succeeded { lease_id: "l2".into(), artifacts: Vec::new() }),
+        ]
+    }
+
+    /// Replay changes jobs in place; `apply` returns a changed copy. Both give the same jobs.
+    #[test]
+    fn in_place_replay_matches_apply() {
+        let mut by_apply: Option<Job> = None;
+        let mut jobs = BTreeMap::new();
+        for ev in history() {
+            by_apply = apply(by_apply.as_ref(), &ev).unwrap();
+            replay_one(&mut jobs, &ev).unwrap();
+            assert_eq!(jobs.get(&1), by_apply.as_ref(), "after event {}", ev.seq);
+        }
+        let job = &jobs[&1];
+        assert_eq!((job.state, job.attempt, job.last_seq), (JobState::Succeeded, 2, 6));
+    }
+
+    /// A refused event leaves the job as it was, whichever check refuses it.
+    #[test]
+    fn a_refused_event_changes_nothing() {
+        let mut jobs = BTreeMap::new();
+        for ev in &history()[..2] {
+            replay_one(&mut jobs, ev).unwrap();
+        }
+        let before = jobs.clone();
+        let refused = [
+            event(3, 30, EventKind::Succeeded { lease_id: "other".into(), artifacts: Vec::new() }),
+            event(3, 5000, EventKind::Succeeded { lease_id: "l1".into(), artifacts: Vec::new() }),
+            claimed(3, 30, "l9", 2),
+            event(3, 30, EventKind::LeaseExpired { lease_id: "l1".into(), retry_at: None }),
+            event(3, 30, EventKind::Retried { run_after: Timestamp::from_millis(0), reason: None }),
+        ];
+        for ev in &refused {
+            let err = replay_one(&mut jobs, ev).unwrap_err();
+            assert_eq!(err.seq, 3);
+            assert_eq!(jobs, before, "{:?} changed the job", ev.event);
+        }
     }
 }

@@ -37,6 +37,9 @@ impl Timestamp {
     /// Instants that would need a five-digit or negative year in UTC (`9999-12-31T23:00:00-05:00`)
     /// are refused: their text could not be read back.
     pub fn parse(s: &str) -> Result<Self, TimestampError> {
+        if let Some(ms) = parse_canonical(s.as_bytes()) {
+            return Ok(Timestamp(ms));
+        }
         let error = |reason: String| TimestampError { input: s.to_string(), reason };
         let ms = DateTime::parse_from_rfc3339(s).map_err(|e| error(e.to_string()))?.timestamp_millis();
         if !CANONICAL.contains(&ms) {
@@ -54,8 +57,87 @@ pub struct TimestampError {
     reason: String,
 }
 
+/// Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+}
+
+/// The date `days` after 1970-01-01 (H. Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// The canonical text of an instant in [`CANONICAL`]. Every event and job carries several
+/// instants, so this and [`parse_canonical`] do by arithmetic what chrono does in general; the
+/// tests hold them to chrono.
+fn canonical_text(ms: i64) -> [u8; 24] {
+    let (y, mo, d) = civil_from_days(ms.div_euclid(MS_PER_DAY));
+    let t = ms.rem_euclid(MS_PER_DAY);
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut n: i64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, y);
+    put(5, 2, mo);
+    put(8, 2, d);
+    put(11, 2, t / 3_600_000);
+    put(14, 2, t / 60_000 % 60);
+    put(17, 2, t / 1000 % 60);
+    put(20, 3, t % 1000);
+    out
+}
+
+/// The instant a canonical text names, if `s` is one (`YYYY-MM-DDTHH:MM:SS.mmmZ`, a real date,
+/// no leap second); anything else is left to chrono.
+fn parse_canonical(s: &[u8]) -> Option<i64> {
+    if s.len() != 24 || s[4] != b'-' || s[7] != b'-' || s[10] != b'T' || s[13] != b':' || s[16] != b':' {
+        return None;
+    }
+    if s[19] != b'.' || s[23] != b'Z' {
+        return None;
+    }
+    let num = |at: usize, width: usize| -> Option<i64> {
+        s[at..at + width].iter().try_fold(0i64, |n, &b| b.is_ascii_digit().then(|| n * 10 + i64::from(b - b'0')))
+    };
+    let (y, mo, d) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (h, mi, sec, ms) = (num(11, 2)?, num(14, 2)?, num(17, 2)?, num(20, 3)?);
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = match mo {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        1..=12 => 31,
+        _ => return None,
+    };
+    if d < 1 || d > month_days || h > 23 || mi > 59 || sec > 59 {
+        return None;
+    }
+    Some(days_from_civil(y, mo, d) * MS_PER_DAY + ((h * 60 + mi) * 60 + sec) * 1000 + ms)
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if CANONICAL.contains(&self.0) {
+            let text = canonical_text(self.0);
+            return f.write_str(std::str::from_utf8(&text).expect("ASCII"));
+        }
         match DateTime::<Utc>::from_timestamp_millis(self.0) {
             Some(dt) => f.write_str(&dt.to_rfc3339_opts(SecondsFormat::Millis, true)),
             None => write!(f, "@{}ms", self.0),
@@ -87,6 +169,10 @@ impl Sub for Timestamp {
 
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if CANONICAL.contains(&self.0) {
+            let text = canonical_text(self.0);
+            return s.serialize_str(std::str::from_utf8(&text).expect("ASCII"));
+        }
         s.collect_str(self)
     }
 }
@@ -215,6 +301,21 @@ mod tests {
                     prop_assert!((FIRST..=LAST).contains(&millis), "{text} is {t}, which has no canonical text");
                 }
                 Err(e) => prop_assert!(!(FIRST..=LAST).contains(&millis), "{text} refused: {e}"),
+            }
+        }
+
+        /// The arithmetic fast paths write and read exactly what chrono does.
+        #[test]
+        fn fast_paths_agree_with_chrono(ms in FIRST..=LAST, shape in "[0-9]{4}-(0[0-9]|1[0-3])-([0-2][0-9]|3[0-2])T([01][0-9]|2[0-4]):[0-6][0-9]:[0-6][0-9]\\.[0-9]{3}Z") {
+            let text = canonical_text(ms);
+            let chrono = DateTime::<Utc>::from_timestamp_millis(ms).unwrap().to_rfc3339_opts(SecondsFormat::Millis, true);
+            prop_assert_eq!(std::str::from_utf8(&text).unwrap(), chrono.as_str());
+            prop_assert_eq!(parse_canonical(&text), Some(ms));
+            let by_chrono = DateTime::parse_from_rfc3339(&shape).ok().map(|t| t.timestamp_millis());
+            match parse_canonical(shape.as_bytes()) {
+                Some(fast) => prop_assert_eq!(Some(fast), by_chrono, "{}", shape),
+                // Left to chrono: not a date, or a leap second.
+                None => prop_assert!(by_chrono.is_none() || &shape[17..19] == "60", "{}", shape),
             }
         }
 

@@ -32,7 +32,10 @@ pub(crate) trait Tx {
     fn set_tenant_head(&mut self, tenant: &str, seq: u64, hash: &str) -> Result<(), StoreError>;
     /// Appends a sealed event with its canonical line.
     fn insert_event(&mut self, ev: &Event, line: &str) -> Result<(), StoreError>;
-    /// Inserts or rewrites a job row (`doc` is its canonical JSON).
+    /// Inserts a job row, or rewrites one after a state change (`doc` is its canonical JSON).
+    /// A rewrite need only store what a state change can change: state, `run_after`, lease,
+    /// `updated_at` and the document; tenant, project, queue, source, priority, keys and run
+    /// are fixed when the job is enqueued.
     fn write_job(&mut self, job: &Job, doc: &str, insert: bool) -> Result<(), StoreError>;
     /// One job in scope, locked against other writers until the transaction ends; another
     /// tenant's job is [`StoreError::NotFound`].

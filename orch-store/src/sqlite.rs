@@ -76,6 +76,10 @@ fn open_connection(path: &Path, create: bool, sync: Synchronous) -> Result<Conne
     };
     conn.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"))?;
     conn.set_prepared_statement_cache_capacity(64);
+    // One plan per statement, whatever its parameters: otherwise SQLite re-plans a cached
+    // statement (parse and all) each time a new value is bound to a parameter that a partial
+    // index's condition could match, which the claim query did on every claim.
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(conn)
 }
 
@@ -274,33 +278,50 @@ impl Tx for SqliteTx<'_> {
 
     fn write_job(&mut self, job: &Job, doc: &str, insert: bool) -> Result<(), StoreError> {
         let lease = job.lease.as_ref();
-        let sql = if insert {
-            "INSERT INTO jobs (id, tenant, project, queue, source, state, priority, run_after, lease_id,
-                               lease_expires_at, idempotency_key, correlation_id, updated_at, doc, run_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
-        } else {
-            "UPDATE jobs SET tenant = ?2, project = ?3, queue = ?4, source = ?5, state = ?6, priority = ?7,
-                             run_after = ?8, lease_id = ?9, lease_expires_at = ?10, idempotency_key = ?11,
-                             correlation_id = ?12, updated_at = ?13, doc = ?14, run_id = ?15
-             WHERE id = ?1"
-        };
-        self.0.prepare_cached(sql)?.execute(params![
-            job.id,
-            job.tenant,
-            job.project,
-            job.spec.queue,
-            job.spec.source,
-            job.state.as_str(),
-            job.spec.priority,
-            job.spec.run_after.as_millis(),
-            lease.map(|l| &l.id),
-            lease.map(|l| l.expires_at.as_millis()),
-            job.spec.idempotency_key,
-            job.correlation_id,
-            job.updated_at.as_millis(),
-            doc,
-            job.spec.run,
-        ])?;
+        if !insert {
+            // Only what a state change can change (see `orch_core::apply`): an UPDATE that names
+            // a column rewrites every index on it, so naming the fixed ones (tenant, queue,
+            // correlation…) would rewrite their indexes on every claim and ack for nothing.
+            self.0
+                .prepare_cached(
+                    "UPDATE jobs SET state = ?2, run_after = ?3, lease_id = ?4, lease_expires_at = ?5,
+                                     updated_at = ?6, doc = ?7
+                     WHERE id = ?1",
+                )?
+                .execute(params![
+                    job.id,
+                    job.state.as_str(),
+                    job.spec.run_after.as_millis(),
+                    lease.map(|l| &l.id),
+                    lease.map(|l| l.expires_at.as_millis()),
+                    job.updated_at.as_millis(),
+                    doc,
+                ])?;
+            return Ok(());
+        }
+        self.0
+            .prepare_cached(
+                "INSERT INTO jobs (id, tenant, project, queue, source, state, priority, run_after, lease_id,
+                                   lease_expires_at, idempotency_key, correlation_id, updated_at, doc, run_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?
+            .execute(params![
+                job.id,
+                job.tenant,
+                job.project,
+                job.spec.queue,
+                job.spec.source,
+                job.state.as_str(),
+                job.spec.priority,
+                job.spec.run_after.as_millis(),
+                lease.map(|l| &l.id),
+                lease.map(|l| l.expires_at.as_millis()),
+                job.spec.idempotency_key,
+                job.correlation_id,
+                job.updated_at.as_millis(),
+                doc,
+                job.spec.run,
+            ])?;
         Ok(())
     }
 

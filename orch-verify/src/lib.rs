@@ -122,15 +122,55 @@ impl Ctx {
 }
 
 /// Parses JSON lines, reporting the first bad line.
-fn parse_lines<T: serde::de::DeserializeOwned>(content: &[u8], file: &str) -> Result<Vec<T>, (String, String)> {
+/// The lines of a JSON Lines file: UTF-8, each line ended by a newline.
+fn lines_of<'a>(content: &'a [u8], file: &str) -> Result<Vec<&'a str>, (String, String)> {
     let text = std::str::from_utf8(content).map_err(|_| (file.to_string(), "not UTF-8".to_string()))?;
     if !text.is_empty() && !text.ends_with('\n') {
         return Err((file.to_string(), "last line is not newline-terminated".into()));
     }
-    text.lines()
+    Ok(text.lines().collect())
+}
+
+fn parse_lines<T: serde::de::DeserializeOwned>(content: &[u8], file: &str) -> Result<Vec<T>, (String, String)> {
+    lines_of(content, file)?
+        .into_iter()
         .enumerate()
         .map(|(i, l)| serde_json::from_str(l).map_err(|e| (format!("{file}:{}", i + 1), e.to_string())))
         .collect()
+}
+
+/// Where replayed jobs (in id order) and the lines of `jobs.jsonl` first disagree: a replayed
+/// job must be written as exactly its line, so the bytes are compared and only a line that
+/// differs is parsed, to say how. Returns the failure's entry and message.
+fn first_jobs_difference<'a>(replayed: impl Iterator<Item = &'a Job>, lines: &[&str]) -> Option<(String, String)> {
+    let show = |j: Option<&Job>| j.map_or("nothing".to_string(), |j| serde_json::to_string(j).unwrap_or_default());
+    let mut replayed = replayed.peekable();
+    for (i, line) in lines.iter().enumerate() {
+        let next = replayed.peek().copied();
+        if next.and_then(|j| orch_core::canonical::to_vec(j).ok()).as_deref() == Some(line.as_bytes()) {
+            replayed.next();
+            continue;
+        }
+        let stored: Job = match serde_json::from_str(line) {
+            Ok(j) => j,
+            Err(e) => return Some((format!("{}:{}", bundle::JOBS, i + 1), e.to_string())),
+        };
+        if next == Some(&stored) {
+            return Some((format!("{}:{}", bundle::JOBS, i + 1), "not the canonical form of its job".into()));
+        }
+        let (id, replayed, stored) = match next {
+            Some(r) if r.id < stored.id => (r.id, Some(r), None),
+            Some(r) if r.id == stored.id => (r.id, Some(r), Some(&stored)),
+            _ => (stored.id, None, Some(&stored)),
+        };
+        return Some((
+            format!("job {id}"),
+            format!("replay gives {} but jobs.jsonl has {}", show(replayed), show(stored)),
+        ));
+    }
+    replayed
+        .next()
+        .map(|r| (format!("job {}", r.id), format!("replay gives {} but jobs.jsonl has nothing", show(Some(r)))))
 }
 
 /// Verifies a bundle.
@@ -393,24 +433,16 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         }
     }
 
-    // Replay: history folded over base must give jobs.jsonl exactly.
+    // Replay: history folded over base must give jobs.jsonl exactly, byte for byte.
     cx.check("replay");
-    let jobs: Vec<Job> = parse_lines(file(bundle::JOBS), bundle::JOBS).unwrap_or_else(|(entry, msg)| {
+    let jobs = lines_of(file(bundle::JOBS), bundle::JOBS).unwrap_or_else(|(entry, msg)| {
         cx.fail("replay", entry, msg);
         Vec::new()
     });
     if chain_ok {
-        let replayed: BTreeMap<JobId, Job> =
-            verifier.jobs().iter().filter(|(id, _)| touched.contains(id)).map(|(id, j)| (*id, j.clone())).collect();
-        if let Some(d) = orch_core::chain::first_job_difference(&replayed, &jobs) {
-            let show = |j: &Option<Job>| {
-                j.as_ref().map_or("nothing".to_string(), |j| serde_json::to_string(j).unwrap_or_default())
-            };
-            cx.fail(
-                "replay",
-                format!("job {}", d.id),
-                format!("replay gives {} but jobs.jsonl has {}", show(&d.replayed), show(&d.stored)),
-            );
+        let replayed = verifier.jobs().values().filter(|j| touched.contains(&j.id));
+        if let Some((entry, msg)) = first_jobs_difference(replayed, &jobs) {
+            cx.fail("replay", entry, msg);
         }
     }
 
