@@ -2,6 +2,8 @@
 //! what the same hardware can do without our code (raw SQLite; sha256 + zstd alone).
 //!
 //! Prints a table and writes `target/bench/results.json`. Figures are wall-clock, single process.
+//! With `--peer-apalis`, the same job counts also go through apalis on SQLite (a separate binary)
+//! for a side-by-side ratio.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use orch_store::*;
 use serde_json::{json, Value};
 
 mod http;
+mod peer;
 
 /// orch-bench — ledger and bundle benchmarks.
 #[derive(Parser)]
@@ -21,7 +24,8 @@ struct Cli {
     /// Job counts to run at (each ledger holds 3 events per job).
     #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     jobs: Vec<usize>,
-    /// Worker threads for the HTTP benchmarks.
+    /// Worker threads for the HTTP benchmarks, and apalis workers in the peer benchmark's
+    /// second configuration.
     #[arg(long, default_value_t = 4)]
     workers: usize,
     /// Also run a sustained load over HTTP for this many seconds (0: none), reporting errors
@@ -36,6 +40,15 @@ struct Cli {
     /// run in a schema of its own that is dropped afterwards.
     #[arg(long)]
     postgres: Option<String>,
+    /// Also run the peer benchmark: this `peer-apalis` binary (built by `scripts/bench` from
+    /// bench/peer-apalis) pushes and processes the same job counts with apalis on SQLite, next to
+    /// orch doing the same on a fresh ledger; ratio rows give orch/apalis.
+    #[arg(long)]
+    peer_apalis: Option<std::path::PathBuf>,
+    /// Bound on each apalis processing phase, in seconds; a run stopped by it reports the jobs
+    /// acked by then.
+    #[arg(long, default_value_t = 120)]
+    peer_max_secs: u64,
     /// Where to write the results.
     #[arg(long, default_value = "target/bench/results.json")]
     out: std::path::PathBuf,
@@ -219,6 +232,7 @@ fn main() -> anyhow::Result<()> {
             json!({"name": name, "jobs": jobs, "value": value, "unit": unit, "ceiling": ceiling, "ratio": ratio}),
         );
     };
+    let mut peer_runs: Vec<Value> = Vec::new();
     for &n in &cli.jobs {
         let dir = tempfile::tempdir()?;
         let ceiling1 = raw_claim_ack(&dir.path().join("raw1.db"), n.min(20_000), 1, false)?;
@@ -301,6 +315,47 @@ fn main() -> anyhow::Result<()> {
         row("replay (parse+hash+chain+apply), events", lines.len(), per_sec(lines.len(), t), "/s", None);
         row("bundle size, bytes", n, bytes.len() as f64, "B", None);
 
+        if let Some(bin) = &cli.peer_apalis {
+            // orch first (fresh ledgers, all n jobs through one path each), then apalis.
+            let load_before = peer::load_average();
+            eprintln!("peer: {n} jobs, load average {load_before}");
+            let (orch_push, orch1) = peer::orch(&dir.path().join("peer-orch-1.db"), n, 1, false)?;
+            let (_, orch100) = peer::orch(&dir.path().join("peer-orch-100.db"), n, 100, true)?;
+            let w = cli.workers;
+            let max = cli.peer_max_secs;
+            let runs = peer::apalis(bin, &dir.path().join("apalis-1"), n, 1, max)
+                .and_then(|one| Ok((one, peer::apalis(bin, &dir.path().join("apalis-w"), n, w, max)?)));
+            match runs {
+                Ok((one, many)) => {
+                    for (r, workers) in [(&one, 1), (&many, w)] {
+                        if !r.complete {
+                            eprintln!(
+                                "peer: apalis, {workers} worker(s): stopped after {max} s, {} of {n} acked",
+                                r.done
+                            );
+                        }
+                    }
+                    row("apalis (SQLite) push, batches of 100", n, one.push_per_sec, "/s", None);
+                    row("apalis (SQLite) process, 1 worker", one.done, one.process_per_sec, "/s", None);
+                    row(&format!("apalis (SQLite) process, {w} workers"), many.done, many.process_per_sec, "/s", None);
+                    // "ceiling" holds apalis's figure here, so "ratio" is orch / apalis.
+                    let best = one.process_per_sec.max(many.process_per_sec);
+                    row("orch/apalis: enqueue vs push, batches of 100", n, orch_push, "/s", Some(one.push_per_sec));
+                    row("orch/apalis: claim+ack batch 1 vs apalis best", n, orch1, "/s", Some(best));
+                    row("orch/apalis: claim 100 + ack_many vs apalis best", n, orch100, "/s", Some(best));
+                    peer_runs.push(json!({
+                        "jobs": n,
+                        "load_average_before": load_before,
+                        "load_average_after": peer::load_average(),
+                        "orch": {"enqueue_per_sec": orch_push, "claim_ack_batch1_per_sec": orch1,
+                                 "claim100_ack_many_per_sec": orch100},
+                        "apalis": [one.doc, many.doc],
+                    }));
+                }
+                Err(e) => eprintln!("peer: apalis at {n} jobs failed, no peer rows: {e:#}"),
+            }
+        }
+
         if !cli.no_http {
             let d = http::Daemon::start(dir.path(), 100_000_000)?;
             std::thread::sleep(std::time::Duration::from_millis(500));
@@ -382,7 +437,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = cli.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let doc = json!({"machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)}, "results": rows});
+    let mut doc = json!({"machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)}, "results": rows});
+    if cli.peer_apalis.is_some() {
+        doc["peer_apalis"] = Value::Array(peer_runs);
+    }
     std::fs::write(&cli.out, serde_json::to_string_pretty(&doc)? + "\n")?;
     eprintln!("wrote {}", cli.out.display());
     Ok(())
