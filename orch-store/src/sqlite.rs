@@ -51,6 +51,67 @@ pub struct SqliteStore {
     clock: Arc<dyn Clock>,
     opts: StoreOptions,
     sync: Synchronous,
+    checkpointer: Checkpointer,
+}
+
+/// WAL pages past which the writer checkpoints in its own commit: only if the [`Checkpointer`]
+/// falls behind (SQLite's default is 1,000 pages, in the commit that crosses them).
+const WRITER_CHECKPOINT_PAGES: u32 = 8_000;
+
+/// Copies committed pages from the WAL back into the database file on a thread of its own, a
+/// few times a second while there are commits, so that writers holding the ledger's lock do
+/// not. Stops when the store is dropped.
+struct Checkpointer {
+    shared: Arc<CheckpointShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct CheckpointShared {
+    commits: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl Checkpointer {
+    fn start(path: &Path, sync: Synchronous) -> Checkpointer {
+        use std::sync::atomic::Ordering::Relaxed;
+        let shared = Arc::new(CheckpointShared::default());
+        let (path, state) = (path.to_path_buf(), shared.clone());
+        let thread = std::thread::Builder::new().name("orch-checkpoint".into()).spawn(move || {
+            let conn = match open_connection(&path, false, sync) {
+                Ok(c) => c,
+                Err(e) => return tracing::debug!(error = %e, "no checkpoint thread; writers checkpoint"),
+            };
+            let (mut seen, mut idle) = (0, 0);
+            while !state.stop.load(Relaxed) {
+                std::thread::park_timeout(std::time::Duration::from_millis(25));
+                let commits = state.commits.load(Relaxed);
+                idle += 1;
+                // While commits come, every 25 ms; otherwise once a second.
+                if commits != seen || idle >= 40 {
+                    (seen, idle) = (commits, 0);
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::debug!(error = %e, "checkpoint failed");
+                    }
+                }
+            }
+        });
+        Checkpointer { shared, thread: thread.ok() }
+    }
+
+    fn committed(&self) {
+        self.shared.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -127,7 +188,17 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let mut writer = open_connection(&path, true, sync)?;
         migrate(&mut writer, &path)?;
-        Ok(SqliteStore { path, writer: Mutex::new(writer), readers: Mutex::new(Vec::new()), clock, opts, sync })
+        writer.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+        let checkpointer = Checkpointer::start(&path, sync);
+        Ok(SqliteStore {
+            path,
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            clock,
+            opts,
+            sync,
+            checkpointer,
+        })
     }
 
     /// The ledger file.
@@ -152,6 +223,7 @@ impl SqliteStore {
         let out = f(&mut w)?;
         w.finish()?;
         tx.commit()?;
+        self.checkpointer.committed();
         Ok(out)
     }
 

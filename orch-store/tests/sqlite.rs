@@ -77,3 +77,29 @@ fn tampering_with_the_jobs_table_or_history_is_detected() {
     let report = orch_store::check_ledger(&s).unwrap();
     assert_eq!(report.problems, vec!["event 1: hash does not match content".to_string()]);
 }
+
+/// Commits reach the database file itself without a writer checkpointing: the store's own
+/// thread copies them out of the WAL (a writer checkpoints only past 8,000 WAL pages).
+#[test]
+fn a_background_thread_checkpoints_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let s = SqliteStore::open(&path, clock(), StoreOptions::default(), Synchronous::Normal).unwrap();
+    let jobs = (0..50).map(|i| orch_store::NewJob::new("acme", "p", "q", serde_json::json!({ "n": i }))).collect();
+    s.enqueue("t", jobs).unwrap();
+    // `immutable=1` reads the database file alone, ignoring the WAL.
+    let in_file = || -> i64 {
+        let uri = format!("file:{}?immutable=1", path.display());
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let c = rusqlite::Connection::open_with_flags(&uri, flags).unwrap();
+        // Before the first checkpoint the file has no tables at all.
+        c.query_row("SELECT count(*) FROM history", [], |r| r.get(0)).unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while in_file() < 50 {
+        assert!(std::time::Instant::now() < deadline, "the events never reached the database file");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(in_file(), 50);
+    drop(s);
+}
