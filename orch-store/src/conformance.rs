@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use orch_core::{Clock, JobState, ManualClock, Timestamp};
+use orch_core::{Clock, JobId, JobState, ManualClock, Timestamp};
 use serde_json::json;
 
 use crate::*;
@@ -209,6 +209,47 @@ pub fn lease_expiry_reclaim(h: Harness) {
     h.clock.advance(Duration::from_secs(11));
     assert_eq!(h.store.reap_expired_leases(100).unwrap(), 1);
     assert_eq!(h.store.job(&t("acme"), job.id).unwrap().state, JobState::Dead);
+    assert_ledger_ok(&h);
+}
+
+/// Stuck jobs: unfinished jobs whose lease lapsed on each of their last `lease_losses` or more
+/// attempts, and jobs running without a heartbeat since a given instant.
+pub fn stuck_jobs(h: Harness) {
+    let mut lapsing = NewJob::new("acme", "p", "ingest", json!({"n": 1}));
+    lapsing.max_attempts = Some(5);
+    let lapsing = h.store.enqueue("test", vec![lapsing]).unwrap().remove(0).job;
+    for _ in 0..2 {
+        claim(&h, "acme", "ingest", 1);
+        h.clock.advance(Duration::from_secs(11));
+        assert_eq!(h.store.reap_expired_leases(100).unwrap(), 1);
+        h.clock.advance(Duration::from_secs(60));
+    }
+    // Another job fails for another reason: not stuck.
+    let failing = enqueue_one(&h, "globex", "ingest");
+    let a = claim(&h, "globex", "ingest", 1).remove(0);
+    let f = Failure {
+        lease_id: a.job.lease.unwrap().id,
+        class: "upstream".into(),
+        message: "503".into(),
+        retryable: true,
+        retry_after_ms: None,
+    };
+    assert_eq!(h.store.fail(&t("globex"), failing.id, f).unwrap().last_error.unwrap().class, "upstream");
+
+    let ids = |losses: u32, since: Timestamp| -> Vec<JobId> {
+        h.store.stuck_jobs(since, losses, 10).unwrap().iter().map(|j| j.id).collect()
+    };
+    let long_ago = T0;
+    assert_eq!(ids(2, long_ago), vec![lapsing.id], "two lapsed leases in a row");
+    assert_eq!(ids(3, long_ago), Vec::<JobId>::new(), "not three");
+    // Claimed again and heartbeating: still counted by its lapsed leases, and by its silence once
+    // the instant given is after its last change.
+    let running = claim(&h, "acme", "ingest", 1).remove(0).job;
+    assert_eq!(ids(2, long_ago), vec![lapsing.id]);
+    assert_eq!(ids(9, h.clock.now().plus_millis(1)), vec![running.id], "running, quiet since then");
+    // Succeeded: no longer stuck.
+    h.store.ack(&t("acme"), running.id, Ack { lease_id: running.lease.unwrap().id, artifacts: vec![] }).unwrap();
+    assert_eq!(ids(2, long_ago), Vec::<JobId>::new());
     assert_ledger_ok(&h);
 }
 
@@ -820,7 +861,7 @@ macro_rules! store_conformance {
             enqueue_claim_heartbeat_ack, fail_retry_dead_letter, lease_expiry_reclaim,
             idempotent_enqueue, stale_lease_rejected, claim_order_and_run_after,
             tenant_isolation, bad_input_changes_nothing, cancel_and_conflicts, pagination,
-            dag_dependencies, claim_gate, incidents_reconcile, ack_many_item_by_item, listing_filters);
+            dag_dependencies, claim_gate, incidents_reconcile, ack_many_item_by_item, listing_filters, stuck_jobs);
 
         proptest::proptest! {
             #![proptest_config(proptest::prelude::ProptestConfig::with_cases($cases))]

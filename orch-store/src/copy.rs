@@ -40,6 +40,7 @@ pub(crate) const TABLES: &[(&str, &[&str])] = &[
             "updated_at",
             "doc",
             "run_id",
+            "last_error_class",
         ],
     ),
     ("artifacts", &["sha256", "size", "content"]),

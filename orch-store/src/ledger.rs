@@ -34,7 +34,7 @@ pub(crate) trait Tx {
     fn insert_event(&mut self, ev: &Event, line: &str) -> Result<(), StoreError>;
     /// Inserts a job row, or rewrites one after a state change (`doc` is its canonical JSON).
     /// A rewrite need only store what a state change can change: state, `run_after`, lease,
-    /// `updated_at` and the document; tenant, project, queue, source, priority, keys and run
+    /// `updated_at`, the last error's class and the document; tenant, project, queue, source, priority, keys and run
     /// are fixed when the job is enqueued.
     fn write_job(&mut self, job: &Job, doc: &str, insert: bool) -> Result<(), StoreError>;
     /// One job in scope, locked against other writers until the transaction ends; another

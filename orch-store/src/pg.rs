@@ -34,7 +34,10 @@ use crate::types::*;
 use crate::{SnapshotReader, Store, StoreError, Synchronous};
 
 /// Numbered migrations of the PostgreSQL schema; the n-th brings it to version n.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/0001_init.sql"),
+    include_str!("../migrations/postgres/0002_error_class.sql"),
+];
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`).
 pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -481,30 +484,47 @@ impl<'a> PgTx<'a> {
             let updated: Vec<i64> = rows.iter().map(|(j, _)| j.updated_at.as_millis()).collect();
             let doc: Vec<&str> = rows.iter().map(|(_, d)| *d).collect();
             let run: Vec<Option<i64>> = rows.iter().map(|(j, _)| j.spec.run).collect();
+            let error_class: Vec<Option<&str>> =
+                rows.iter().map(|(j, _)| j.last_error.as_ref().map(|e| e.class.as_str())).collect();
             let unnest =
                 "UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
                                  $8::bigint[], $9::text[], $10::bigint[], $11::text[], $12::text[], $13::bigint[],
-                                 $14::text[], $15::bigint[])";
+                                 $14::text[], $15::bigint[], $16::text[])";
             let sql = if insert {
                 format!(
                     "INSERT INTO jobs (id, tenant, project, queue, source, state, priority, run_after, lease_id,
-                                       lease_expires_at, idempotency_key, correlation_id, updated_at, doc, run_id)
+                                       lease_expires_at, idempotency_key, correlation_id, updated_at, doc, run_id,
+                                       last_error_class)
                      SELECT * FROM {unnest}"
                 )
             } else {
+                // Only what a state change can change (see `Tx::write_job`).
                 format!(
-                    "UPDATE jobs SET tenant = u.tenant, project = u.project, queue = u.queue, source = u.source,
-                        state = u.state, priority = u.priority, run_after = u.run_after, lease_id = u.lease_id,
-                        lease_expires_at = u.lease_expires_at, idempotency_key = u.idempotency_key,
-                        correlation_id = u.correlation_id, updated_at = u.updated_at, doc = u.doc, run_id = u.run_id
+                    "UPDATE jobs SET state = u.state, run_after = u.run_after, lease_id = u.lease_id,
+                        lease_expires_at = u.lease_expires_at, updated_at = u.updated_at, doc = u.doc,
+                        last_error_class = u.last_error_class
                      FROM {unnest} AS u (id, tenant, project, queue, source, state, priority, run_after, lease_id,
-                        lease_expires_at, idempotency_key, correlation_id, updated_at, doc, run_id)
+                        lease_expires_at, idempotency_key, correlation_id, updated_at, doc, run_id, last_error_class)
                      WHERE jobs.id = u.id"
                 )
             };
-            let params: [Param<'_>; 15] = [
-                &id, &tenant, &project, &queue, &source, &state, &priority, &run_after, &lease_id, &lease_exp, &key,
-                &corr, &updated, &doc, &run,
+            let params: [Param<'_>; 16] = [
+                &id,
+                &tenant,
+                &project,
+                &queue,
+                &source,
+                &state,
+                &priority,
+                &run_after,
+                &lease_id,
+                &lease_exp,
+                &key,
+                &corr,
+                &updated,
+                &doc,
+                &run,
+                &error_class,
             ];
             let st = prepared(self.stmts, &mut self.tx, &sql)?;
             self.tx.execute(&st, &params)?;
@@ -1185,7 +1205,7 @@ impl Store for PgStore {
             for r in db.query(
                 "SELECT doc, (SELECT count(*) FROM history h WHERE h.job_id = jobs.id AND h.type = 'job.lease_expired')
                  FROM jobs
-                 WHERE state IN ('queued', 'running') AND (doc::jsonb #>> '{last_error,class}') = 'lease_expired'
+                 WHERE state IN ('queued', 'running') AND last_error_class = 'lease_expired'
                  ORDER BY tenant, id",
                 &[],
             )? {

@@ -31,6 +31,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_import.sql"),
     include_str!("../migrations/0004_hooks.sql"),
     include_str!("../migrations/0005_flow.sql"),
+    include_str!("../migrations/0006_error_class.sql"),
 ];
 
 /// How hard SQLite works to make commits durable.
@@ -357,7 +358,7 @@ impl Tx for SqliteTx<'_> {
             self.0
                 .prepare_cached(
                     "UPDATE jobs SET state = ?2, run_after = ?3, lease_id = ?4, lease_expires_at = ?5,
-                                     updated_at = ?6, doc = ?7
+                                     updated_at = ?6, doc = ?7, last_error_class = ?8
                      WHERE id = ?1",
                 )?
                 .execute(params![
@@ -368,14 +369,16 @@ impl Tx for SqliteTx<'_> {
                     lease.map(|l| l.expires_at.as_millis()),
                     job.updated_at.as_millis(),
                     doc,
+                    job.last_error.as_ref().map(|e| &e.class),
                 ])?;
             return Ok(());
         }
         self.0
             .prepare_cached(
                 "INSERT INTO jobs (id, tenant, project, queue, source, state, priority, run_after, lease_id,
-                                   lease_expires_at, idempotency_key, correlation_id, updated_at, doc, run_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                                   lease_expires_at, idempotency_key, correlation_id, updated_at, doc, run_id,
+                                   last_error_class)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?
             .execute(params![
                 job.id,
@@ -393,6 +396,7 @@ impl Tx for SqliteTx<'_> {
                 job.updated_at.as_millis(),
                 doc,
                 job.spec.run,
+                job.last_error.as_ref().map(|e| &e.class),
             ])?;
         Ok(())
     }
@@ -901,7 +905,7 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(
                 "SELECT doc, (SELECT count(*) FROM history h WHERE h.job_id = jobs.id AND h.type = 'job.lease_expired')
                  FROM jobs INDEXED BY jobs_lease_lost
-                 WHERE state IN ('queued', 'running') AND json_extract(doc, '$.last_error.class') = 'lease_expired'
+                 WHERE state IN ('queued', 'running') AND last_error_class = 'lease_expired'
                  ORDER BY tenant, id",
             )?;
             let mut rows = stmt.query([])?;
