@@ -101,6 +101,23 @@ impl Daemon {
         Ok(n as f64 / t.elapsed().as_secs_f64())
     }
 
+    /// Enqueues jobs of `queue` (batches of 1000) until each count of `marks` (ascending) is
+    /// queued, and returns, per mark, the daemon's RSS in bytes a second after reaching it (so
+    /// that the event tailer has caught up), then the enqueue rate over all of them in jobs/s.
+    pub fn deep_queue(&self, queue: &str, marks: &[usize]) -> anyhow::Result<(Vec<u64>, f64)> {
+        let mut rss = Vec::with_capacity(marks.len());
+        let (mut done, mut busy) = (0, Duration::ZERO);
+        for &mark in marks {
+            let t = Instant::now();
+            self.enqueue(queue, mark.saturating_sub(done))?;
+            busy += t.elapsed();
+            done = done.max(mark);
+            std::thread::sleep(Duration::from_secs(1));
+            rss.push(self.rss()?);
+        }
+        Ok((rss, done as f64 / busy.as_secs_f64()))
+    }
+
     /// `workers` threads claim `batch` jobs at a time and ack them (in one `POST /api/v1/acks`
     /// when `batch` > 1) until `n` jobs are done; returns jobs/s. Claims never ask for more
     /// than is left of `n`, so the queue keeps what later measurements need.
@@ -228,6 +245,32 @@ pub struct LoadReport {
     pub errors: usize,
     /// RSS samples, one a second, in MB.
     pub rss_mb: Vec<f64>,
+}
+
+impl LoadReport {
+    /// RSS after `secs` seconds of load (the sample taken then), in MB.
+    pub fn rss_at(&self, secs: usize) -> Option<f64> {
+        self.rss_mb.get(secs.checked_sub(1)?).copied()
+    }
+
+    /// How fast RSS still grows over the second half of the run, in MB per minute: the
+    /// least-squares slope of the samples there. Near zero means memory has levelled off.
+    pub fn late_slope_mb_per_min(&self) -> f64 {
+        let half = &self.rss_mb[self.rss_mb.len() / 2..];
+        let n = half.len() as f64;
+        if half.len() < 2 {
+            return 0.0;
+        }
+        let mean_x = (n - 1.0) / 2.0;
+        let mean_y = half.iter().sum::<f64>() / n;
+        let (mut sxy, mut sxx) = (0.0, 0.0);
+        for (i, y) in half.iter().enumerate() {
+            let dx = i as f64 - mean_x;
+            sxy += dx * (y - mean_y);
+            sxx += dx * dx;
+        }
+        sxy / sxx * 60.0
+    }
 }
 
 impl Daemon {

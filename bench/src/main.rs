@@ -35,6 +35,11 @@ struct Cli {
     /// Skip the HTTP benchmarks (they need the release `orchd` beside this binary).
     #[arg(long)]
     no_http: bool,
+    /// Also measure the daemon's memory with a deep queue: enqueue this many jobs over HTTP
+    /// into a fresh `orchd`, reporting RSS idle and at a tenth, half and all of them queued.
+    /// With `--jobs 0` only the daemon benchmarks run.
+    #[arg(long, default_value_t = 0)]
+    deep_queue: usize,
     /// Also measure orchd on this PostgreSQL database (a `postgres://` URL or key=value
     /// string): HTTP claim+ack with one and with two orchd processes sharing one ledger, each
     /// run in a schema of its own that is dropped afterwards.
@@ -233,7 +238,7 @@ fn main() -> anyhow::Result<()> {
         );
     };
     let mut peer_runs: Vec<Value> = Vec::new();
-    for &n in &cli.jobs {
+    for &n in cli.jobs.iter().filter(|&&n| n > 0) {
         let dir = tempfile::tempdir()?;
         let ceiling1 = raw_claim_ack(&dir.path().join("raw1.db"), n.min(20_000), 1, false)?;
         let ceiling100 = raw_claim_ack(&dir.path().join("raw100.db"), n, 100, true)?;
@@ -410,26 +415,41 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    if cli.deep_queue > 0 {
+        let n = cli.deep_queue;
+        let dir = tempfile::tempdir()?;
+        let d = http::Daemon::start(dir.path(), n as u64 + 1)?;
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        row("deep queue: orchd RSS idle, MB", 0, d.rss()? as f64 / 1e6, "MB", None);
+        let marks = [n / 10, n / 2, n];
+        let (rss, rate) = d.deep_queue("deep", &marks)?;
+        row("deep queue: HTTP enqueue, batches of 1000", n, rate, "/s", None);
+        for (mark, rss) in marks.iter().zip(rss) {
+            row("deep queue: orchd RSS with the jobs queued, MB", *mark, rss as f64 / 1e6, "MB", None);
+        }
+    }
+    let mut load_rss = Vec::new();
     if cli.load_secs > 0 {
         let dir = tempfile::tempdir()?;
         // A backlog bound, so that the producer meets backpressure and the queue stays bounded.
         let d = http::Daemon::start(dir.path(), 20_000)?;
         let r = d.load(cli.load_secs, cli.workers)?;
-        let secs = cli.load_secs as f64;
-        let (first, last) = (r.rss_mb.first().copied().unwrap_or(0.0), r.rss_mb.last().copied().unwrap_or(0.0));
+        let secs = cli.load_secs as usize;
+        let last = r.rss_mb.last().copied().unwrap_or(0.0);
         let max = r.rss_mb.iter().copied().fold(0.0, f64::max);
-        row(&format!("load {}s: jobs acked", cli.load_secs), r.acked, r.acked as f64 / secs, "/s", None);
+        row(&format!("load {secs}s: jobs acked"), r.acked, r.acked as f64 / secs as f64, "/s", None);
         row("load: errors other than backpressure", r.errors, r.errors as f64, "", None);
         row("load: enqueues refused by backpressure", r.backpressure, r.backpressure as f64, "", None);
-        row("load: RSS after 1 s, MB", 0, first, "MB", None);
-        for q in [1, 2, 3] {
-            let at = r.rss_mb.len() * q / 4;
-            let v = r.rss_mb.get(at).copied().unwrap_or(0.0);
-            row(&format!("load: RSS after {at} s, MB"), 0, v, "MB", None);
+        // RSS after 1 s, then every minute (every quarter of runs shorter than two minutes).
+        let step = if secs >= 120 { 60 } else { secs.div_ceil(4).max(1) };
+        for at in std::iter::once(1).chain((step..secs).step_by(step)) {
+            row(&format!("load: RSS after {at} s, MB"), 0, r.rss_at(at).unwrap_or(0.0), "MB", None);
         }
         row("load: RSS at the end, MB", 0, last, "MB", None);
         row("load: RSS max, MB", 0, max, "MB", None);
+        row("load: RSS slope over the last half, MB/min", 0, r.late_slope_mb_per_min(), "MB/m", None);
         row("load: jobs left queued", r.enqueued - r.acked, (r.enqueued - r.acked) as f64, "", None);
+        load_rss = r.rss_mb;
     }
     for l in &table {
         println!("{l}");
@@ -440,6 +460,10 @@ fn main() -> anyhow::Result<()> {
     let mut doc = json!({"machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)}, "results": rows});
     if cli.peer_apalis.is_some() {
         doc["peer_apalis"] = Value::Array(peer_runs);
+    }
+    if !load_rss.is_empty() {
+        // Every sample of the sustained load, one a second, for plotting.
+        doc["load_rss_mb"] = json!(load_rss);
     }
     std::fs::write(&cli.out, serde_json::to_string_pretty(&doc)? + "\n")?;
     eprintln!("wrote {}", cli.out.display());

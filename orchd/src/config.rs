@@ -92,6 +92,8 @@ impl Default for Settings {
 pub struct EventSettings {
     /// Events kept for `Last-Event-ID` resumption.
     pub buffer_size: usize,
+    /// The most memory (estimated, in bytes) those events may take; the oldest go first.
+    pub buffer_bytes: usize,
     /// How long (event time, milliseconds) they are kept.
     pub retention_ms: u64,
     /// How far (in events) a live client may fall behind before it is dropped.
@@ -102,7 +104,13 @@ pub struct EventSettings {
 
 impl Default for EventSettings {
     fn default() -> Self {
-        EventSettings { buffer_size: 10_000, retention_ms: 3_600_000, max_lag: 1_024, poll_ms: 100 }
+        EventSettings {
+            buffer_size: 10_000,
+            buffer_bytes: 16 << 20,
+            retention_ms: 3_600_000,
+            max_lag: 1_024,
+            poll_ms: 100,
+        }
     }
 }
 
@@ -164,8 +172,12 @@ impl Settings {
         if self.max_body_bytes < 1024 {
             bail!("max_body_bytes must be at least 1024");
         }
-        if self.events.buffer_size == 0 || self.events.max_lag == 0 || self.events.poll_ms == 0 {
-            bail!("events.buffer_size, events.max_lag and events.poll_ms must be at least 1");
+        if self.events.buffer_size == 0
+            || self.events.buffer_bytes == 0
+            || self.events.max_lag == 0
+            || self.events.poll_ms == 0
+        {
+            bail!("events.buffer_size, events.buffer_bytes, events.max_lag and events.poll_ms must be at least 1");
         }
         if !(0.0..1.0).contains(&self.slo_success_objective) {
             bail!("slo_success_objective must be in [0, 1), e.g. 0.99");

@@ -4,7 +4,7 @@
 //! the metrics. Tailing the ledger, rather than hooking writers, sees every writer — the API,
 //! the reaper, `orchd import` in another process — and can never report a change that rolled back.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use orch_core::{Event, EventKind, JobId, Timestamp};
@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::broadcast;
 
+use crate::recent::{Interner, JobRuns};
 use crate::AppState;
 
 /// One event as streams and hooks carry it (`schemas/event-envelope.schema.json`).
@@ -51,8 +52,38 @@ pub struct Envelope {
     pub data: Value,
 }
 
+impl Envelope {
+    /// About how many bytes of memory the envelope holds: its own size plus its strings and
+    /// data (a JSON object counts as one B-tree node per eleven keys). Used to bound buffers
+    /// by bytes; it errs on the high side.
+    pub fn heap_bytes(&self) -> usize {
+        fn value(v: &Value) -> usize {
+            match v {
+                Value::String(s) => s.len(),
+                Value::Array(a) => a.len() * size_of::<Value>() + a.iter().map(value).sum::<usize>(),
+                Value::Object(m) => {
+                    const NODE: usize = 11 * (size_of::<String>() + size_of::<Value>()) + 16;
+                    m.len().div_ceil(11).max(1) * NODE + m.iter().map(|(k, v)| k.len() + value(v)).sum::<usize>()
+                }
+                _ => 0,
+            }
+        }
+        let strings = [&self.event_type, &self.tenant, &self.project, &self.actor, &self.correlation_id]
+            .into_iter()
+            .chain(&self.job_type)
+            .chain(&self.worker)
+            .map(|s| s.len().max(16))
+            .sum::<usize>();
+        // The Arc's counts, the envelope itself, its strings, its data.
+        16 + size_of::<Envelope>() + strings + value(&self.data)
+    }
+}
+
 struct Inner {
-    buffer: VecDeque<Arc<Envelope>>,
+    /// Buffered envelopes with their estimated sizes ([`Envelope::heap_bytes`]).
+    buffer: VecDeque<(Arc<Envelope>, usize)>,
+    /// The sum of the buffered sizes.
+    bytes: usize,
     /// The last sequence number seen by the tailer.
     head: u64,
 }
@@ -63,6 +94,7 @@ pub struct Hub {
     inner: Arc<Mutex<Inner>>,
     tx: broadcast::Sender<Arc<Envelope>>,
     capacity: usize,
+    max_bytes: usize,
     retention_ms: i64,
 }
 
@@ -80,15 +112,24 @@ pub enum Resume {
 
 impl Hub {
     /// A hub keeping up to `capacity` events for at most `retention_ms`; live subscribers may
-    /// fall `lag` events behind before they are dropped.
+    /// fall `lag` events behind before they are dropped. The buffer has no bound in bytes until
+    /// [`Hub::with_max_bytes`].
     pub fn new(capacity: usize, retention_ms: u64, lag: usize) -> Hub {
         let (tx, _) = broadcast::channel(lag.max(1));
         Hub {
-            inner: Arc::new(Mutex::new(Inner { buffer: VecDeque::new(), head: 0 })),
+            inner: Arc::new(Mutex::new(Inner { buffer: VecDeque::new(), bytes: 0, head: 0 })),
             tx,
             capacity: capacity.max(1),
+            max_bytes: usize::MAX,
             retention_ms: retention_ms.min(i64::MAX as u64) as i64,
         }
+    }
+
+    /// Also evicts the oldest events while the buffer holds more than `max_bytes` (estimated
+    /// by [`Envelope::heap_bytes`]); the newest event is kept whatever its size.
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Hub {
+        self.max_bytes = max_bytes.max(1);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -106,13 +147,13 @@ impl Hub {
         let rx = self.tx.subscribe();
         let inner = self.lock();
         let Some(after) = after else { return (rx, Vec::new(), Resume::Complete) };
-        let oldest = inner.buffer.front().map(|e| e.seq);
+        let oldest = inner.buffer.front().map(|(e, _)| e.seq);
         let resume = match oldest {
             Some(o) if after + 1 < o => Resume::Gap { oldest: o },
             None if after < inner.head => Resume::Gap { oldest: inner.head + 1 },
             _ => Resume::Complete,
         };
-        let events = inner.buffer.iter().filter(|e| e.seq > after && keep(e)).cloned().collect();
+        let events = inner.buffer.iter().map(|(e, _)| e).filter(|e| e.seq > after && keep(e)).cloned().collect();
         (rx, events, resume)
     }
 
@@ -126,23 +167,35 @@ impl Hub {
         self.lock().buffer.len()
     }
 
+    /// The estimated size of the buffered events, in bytes.
+    pub fn buffered_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
     /// Adds events (in sequence order), evicting beyond the bounds, and broadcasts them.
     pub fn publish(&self, events: Vec<Envelope>) {
+        let sized: Vec<(Arc<Envelope>, usize)> = events
+            .into_iter()
+            .map(|e| {
+                let size = e.heap_bytes();
+                (Arc::new(e), size)
+            })
+            .collect();
         let mut inner = self.lock();
-        for e in events {
-            let e = Arc::new(e);
+        for (e, size) in sized {
             inner.head = inner.head.max(e.seq);
-            inner.buffer.push_back(e.clone());
+            inner.bytes += size;
+            inner.buffer.push_back((e.clone(), size));
             let _ = self.tx.send(e);
         }
-        while inner.buffer.len() > self.capacity {
-            inner.buffer.pop_front();
-        }
-        if let Some(newest) = inner.buffer.back().map(|e| e.at) {
-            let horizon = newest.plus_millis(-self.retention_ms);
-            while inner.buffer.front().is_some_and(|e| e.at < horizon) {
-                inner.buffer.pop_front();
+        let horizon = inner.buffer.back().map(|(e, _)| e.at.plus_millis(-self.retention_ms));
+        while let Some((oldest, size)) = inner.buffer.front().map(|(e, size)| (e.at, *size)) {
+            let over = inner.buffer.len() > self.capacity || (inner.bytes > self.max_bytes && inner.buffer.len() > 1);
+            if !over && horizon.is_none_or(|h| oldest >= h) {
+                break;
             }
+            inner.bytes -= size;
+            inner.buffer.pop_front();
         }
     }
 
@@ -152,27 +205,38 @@ impl Hub {
     }
 }
 
-/// Makes envelopes from events, remembering each job's type.
-#[derive(Default)]
+/// How many runs of job ids (see [`JobRuns`]) an [`Enricher`] keeps the type of: a batch
+/// enqueued together is one run, so this covers millions of jobs enqueued in batches and the
+/// last 65,536 enqueued one by one, in a few megabytes at most.
+pub const JOB_TYPE_RUNS: usize = 65_536;
+
+/// Makes envelopes from events, remembering the type of recent jobs (in bounded memory; a job
+/// it has forgotten is looked up).
 pub struct Enricher {
-    job_types: HashMap<JobId, String>,
+    job_types: JobRuns<Arc<str>>,
+    names: Interner,
+}
+
+impl Default for Enricher {
+    fn default() -> Self {
+        Enricher { job_types: JobRuns::new(JOB_TYPE_RUNS), names: Interner::new(1_024) }
+    }
 }
 
 impl Enricher {
-    /// The envelope of `ev`; `lookup` finds the type of a job this enricher has not seen.
+    /// The envelope of `ev`; `lookup` finds the type of a job this enricher does not remember.
     pub fn envelope(&mut self, ev: &Event, lookup: &dyn Fn(JobId) -> Option<String>) -> Envelope {
         let job_type = ev.job_id.and_then(|id| {
             if let EventKind::Enqueued(spec) = &ev.event {
-                self.job_types.insert(id, spec.queue.clone());
+                let t = self.names.get(&spec.queue);
+                self.job_types.insert(id, t);
             }
-            if let Some(t) = self.job_types.get(&id) {
-                return Some(t.clone());
+            if let Some(t) = self.job_types.get(id) {
+                return Some(t.to_string());
             }
             let t = lookup(id)?;
-            if self.job_types.len() > 100_000 {
-                self.job_types.clear();
-            }
-            self.job_types.insert(id, t.clone());
+            let shared = self.names.get(&t);
+            self.job_types.insert(id, shared);
             Some(t)
         });
         let worker = match &ev.event {
@@ -276,6 +340,31 @@ mod tests {
         let hub = Hub::new(1_000, 10_000, 16);
         hub.publish((1..=30).map(|s| env(s, 1_000 * s as i64, "acme")).collect());
         assert_eq!(hub.buffered(), 11);
+    }
+
+    #[test]
+    fn the_buffer_is_bounded_in_bytes_too() {
+        let big = |seq: u64| Envelope {
+            data: serde_json::json!({"payload": "x".repeat(100_000)}),
+            ..env(seq, seq as i64, "acme")
+        };
+        let one = big(1).heap_bytes();
+        assert!(one > 100_000, "{one}");
+        let hub = Hub::new(1_000, 60_000, 16).with_max_bytes(one * 3);
+        hub.publish((1..=10).map(big).collect());
+        assert_eq!(hub.buffered(), 3);
+        assert_eq!(hub.buffered_bytes(), 3 * one);
+        let (_, events, resume) = hub.subscribe(Some(5), &|_: &Envelope| true);
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [8, 9, 10]);
+        assert_eq!(resume, Resume::Gap { oldest: 8 });
+        // An event larger than the bound on its own is still kept, as the newest.
+        let hub = Hub::new(1_000, 60_000, 16).with_max_bytes(10);
+        hub.publish((1..=3).map(big).collect());
+        assert_eq!(hub.buffered(), 1);
+        // Small events: the count bound applies first.
+        let hub = Hub::new(5, 60_000, 16).with_max_bytes(16 << 20);
+        hub.publish((1..=20).map(|s| env(s, s as i64, "acme")).collect());
+        assert_eq!((hub.buffered(), hub.buffered_bytes()), (5, 5 * env(1, 1, "acme").heap_bytes()));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod import;
 pub mod incidents;
 pub mod jwt;
 pub mod metrics;
+pub mod recent;
 pub mod schedules;
 pub mod services;
 
@@ -45,7 +46,8 @@ impl AppState {
     /// A state over an opened store; not ready until [`AppState::set_ready`].
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, settings: config::Settings) -> Self {
         let events =
-            events::Hub::new(settings.events.buffer_size, settings.events.retention_ms, settings.events.max_lag);
+            events::Hub::new(settings.events.buffer_size, settings.events.retention_ms, settings.events.max_lag)
+                .with_max_bytes(settings.events.buffer_bytes);
         let metrics = Arc::new(metrics::Metrics::new(settings.slo_success_objective));
         let flow = flow::FlowControl::load(settings.flow.clone(), &*store).unwrap_or_else(|e| {
             tracing::error!(error = %e, "flow-control rules could not be read; retrying in the background");

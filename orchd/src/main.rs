@@ -12,6 +12,12 @@ use orch_store::{Location, Store};
 use orchd::config::Settings;
 use orchd::{AppState, SystemClock};
 
+/// jemalloc returns freed memory to the system; glibc's malloc, with an arena per thread of
+/// tokio's blocking pool, kept it, and RSS grew under sustained load while the live heap did not.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// orchd — an offline-first job orchestrator on an embedded, hash-chained SQLite ledger.
 #[derive(Parser)]
 #[command(version, propagate_version = true)]

@@ -2,7 +2,7 @@
 //! depth and SLO burn rates computed at scrape time. Every series carries a `tenant` label, so a
 //! tenant's scrape can be cut down to its own series (site administrators see all).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use orch_core::failure::classify;
@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::events::Envelope;
+use crate::recent::JobRuns;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobLabels {
@@ -93,9 +94,15 @@ pub struct BurnRate {
 /// The SLO windows burn rates are given for (name, milliseconds).
 pub const BURN_WINDOWS: [(&str, i64); 3] = [("5m", 300_000), ("1h", 3_600_000), ("6h", 21_600_000)];
 
+/// How many runs of enqueue times (see [`JobRuns`]) and running attempts the metrics keep.
+const TIMED_JOBS: usize = 65_536;
+
 struct Timing {
-    /// Per job: when it was enqueued and when its current attempt started.
-    jobs: HashMap<JobId, (Option<Timestamp>, Option<Timestamp>)>,
+    /// When jobs were enqueued, for the start latency of their first claim: one entry per run
+    /// of consecutive job ids enqueued at the same instant, the newest [`TIMED_JOBS`] runs.
+    enqueued: JobRuns<Timestamp>,
+    /// When each running attempt started, for its run time; the newest [`TIMED_JOBS`].
+    started: BTreeMap<JobId, Timestamp>,
     /// Jobs finished per minute and tenant over the longest SLO window: (all, dead-lettered).
     /// Memory stays at tenants × 360 minutes whatever the throughput.
     finished: BTreeMap<(i64, String), (u64, u64)>,
@@ -191,7 +198,11 @@ impl Metrics {
             bucket_refill,
             rate_limited,
             breakers,
-            timing: Mutex::new(Timing { jobs: HashMap::new(), finished: BTreeMap::new() }),
+            timing: Mutex::new(Timing {
+                enqueued: JobRuns::new(TIMED_JOBS),
+                started: BTreeMap::new(),
+                finished: BTreeMap::new(),
+            }),
             objective: objective.clamp(0.0, 0.999_999),
         }
     }
@@ -203,26 +214,26 @@ impl Metrics {
         let (Some(id), Some(queue)) = (e.job_id, e.job_type.clone()) else { return };
         let labels = JobLabels { tenant: tenant.clone(), queue: queue.clone() };
         let mut t = self.timing.lock().unwrap_or_else(|p| p.into_inner());
-        if t.jobs.len() > 200_000 {
-            t.jobs.clear();
-        }
         let secs = |from: Timestamp| (e.at.as_millis() - from.as_millis()).max(0) as f64 / 1000.0;
         match e.event_type.as_str() {
             "job.enqueued" => {
-                t.jobs.insert(id, (Some(e.at), None));
+                t.enqueued.insert(id, e.at);
             }
             "job.claimed" => {
                 self.attempts.get_or_create(&labels).inc();
-                let entry = t.jobs.entry(id).or_insert((None, None));
                 if e.data.get("attempt").and_then(|a| a.as_u64()) == Some(1) {
-                    if let Some(enqueued) = entry.0 {
-                        self.start_latency.get_or_create(&labels).observe(secs(enqueued));
+                    if let Some(enqueued) = t.enqueued.get(id) {
+                        self.start_latency.get_or_create(&labels).observe(secs(*enqueued));
                     }
                 }
-                entry.1 = Some(e.at);
+                t.started.insert(id, e.at);
+                while t.started.len() > TIMED_JOBS {
+                    t.started.pop_first();
+                }
             }
             "job.succeeded" | "job.failed" | "job.lease_expired" => {
-                if let Some((_, Some(claimed))) = t.jobs.get(&id).copied() {
+                // The attempt is over, whether or not the job will run again.
+                if let Some(claimed) = t.started.remove(&id) {
                     self.run_time.get_or_create(&labels).observe(secs(claimed));
                 }
                 if e.event_type == "job.failed" {
@@ -249,11 +260,10 @@ impl Metrics {
                     let counts = t.finished.entry((e.at.as_millis().div_euclid(MINUTE_MS), tenant)).or_default();
                     counts.0 += 1;
                     counts.1 += u64::from(!ok);
-                    t.jobs.remove(&id);
                 }
             }
             "job.cancelled" => {
-                t.jobs.remove(&id);
+                t.started.remove(&id);
             }
             _ => {}
         }
