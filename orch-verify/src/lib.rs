@@ -57,6 +57,14 @@ pub fn load_roots(root: &std::path::Path, chain_dir: Option<&std::path::Path>) -
     Ok((trusted, chain))
 }
 
+/// Reads an allowed anchor age (`--max-age`) in humantime's syntax (`30d`, `1h 30m`) as
+/// milliseconds. An age longer than `u64` milliseconds (some 584 million years) is forever
+/// (`u64::MAX`), not a wrapped-around value; one humantime itself cannot hold is an error.
+pub fn parse_max_age(text: &str) -> Result<u64, humantime::DurationError> {
+    let d = humantime::parse_duration(text)?;
+    Ok(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// One failed check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Failure {

@@ -99,11 +99,7 @@ fn options(t: &TrustArgs) -> anyhow::Result<VerifyOptions> {
         )),
     };
     let max_age_ms = match &t.max_age {
-        Some(s) => {
-            let d = humantime::parse_duration(s).with_context(|| format!("--max-age {s:?}"))?;
-            // Longer than u64 milliseconds (some 584 million years) is forever, not a wrapped-around value.
-            Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        }
+        Some(s) => Some(orch_verify::parse_max_age(s).with_context(|| format!("--max-age {s:?}"))?),
         None => None,
     };
     Ok(VerifyOptions { root, root_chain: chain, now, max_age_ms })

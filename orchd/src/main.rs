@@ -303,9 +303,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (root, root_chain) =
                 orch_verify::load_roots(&root, root_chain.as_deref()).map_err(anyhow::Error::msg)?;
             let max_age_ms = max_age
-                .map(|s| humantime::parse_duration(&s).with_context(|| format!("--max-age {s:?}")))
-                .transpose()?
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                .map(|s| orch_verify::parse_max_age(&s).with_context(|| format!("--max-age {s:?}")))
+                .transpose()?;
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let opts = orchd::import::ImportOptions {
                 root,
