@@ -138,8 +138,8 @@ fn authorization(value: &[u8]) {
         }
         _ => value.to_vec(),
     };
-    let Ok(req) = site.request("GET", "/api/v1/jobs").header("authorization", value.as_slice()).body(Body::empty())
-    else {
+    let req = axum::http::Request::get("/api/v1/jobs").header("host", "localhost");
+    let Ok(req) = req.header("authorization", value.as_slice()).body(Body::empty()) else {
         return;
     };
     let reply = site.send(req);
