@@ -38,33 +38,61 @@ fn six_fields(expr: &str) -> String {
     if fields.len() != 5 {
         return expr.to_string();
     }
-    let dow = fields[4]
-        .split(',')
-        .map(|part| {
-            let (range, step) = match part.split_once('/') {
-                Some((r, s)) => (r, Some(s)),
-                None => (part, None),
-            };
-            let shift = |d: &str| match d.parse::<u8>() {
-                Ok(n @ 0..=7) => ((n % 7) + 1).to_string(),
-                _ => d.to_string(),
-            };
-            let range = match range.split_once('-') {
-                Some((a, b)) => {
-                    // `1-7` in classic cron ends on Sunday: keep the range ascending.
-                    let (a, b) = (shift(a), if b == "7" { "7".to_string() } else { shift(b) });
-                    format!("{a}-{b}")
-                }
-                None => shift(range),
-            };
-            match step {
-                Some(s) => format!("{range}/{s}"),
-                None => range,
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",");
+    let dow = if fields[4] == "*" {
+        "*".to_string()
+    } else {
+        fields[4]
+            .split(',')
+            .map(|part| classic_days(part).unwrap_or_else(|| shifted(part)))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     format!("0 {} {} {} {} {dow}", fields[0], fields[1], fields[2], fields[3])
+}
+
+/// The days a numeric classic day-of-week part names (`3`, `1-5`, `*/2`, `1-7/2`, `5/2`; 0-7,
+/// Sunday 0 or 7), as a list of the crate's numbers. A range or step that reaches 7 includes
+/// Sunday, which in the crate's numbering is 1, not after 7 (Saturday): `1-7` is every day, not
+/// `2-7`. `None` for anything else (names, descending ranges), which [`shifted`] translates.
+fn classic_days(part: &str) -> Option<String> {
+    let (range, step) = match part.split_once('/') {
+        Some((r, s)) => (r, s.parse::<usize>().ok().filter(|&s| s >= 1)?),
+        None => (part, 1),
+    };
+    let day = |d: &str| d.parse::<u8>().ok().filter(|&n| n <= 7);
+    let (from, to) = match range.split_once('-') {
+        Some((a, b)) => (day(a)?, day(b)?),
+        None if range == "*" => (0, 7),
+        None if part.contains('/') => (day(range)?, 7),
+        None => (day(range)?, day(range)?),
+    };
+    if from > to {
+        return None;
+    }
+    let mut days: Vec<u8> = (from..=to).step_by(step).map(|d| d % 7 + 1).collect();
+    days.sort_unstable();
+    days.dedup();
+    Some(days.iter().map(u8::to_string).collect::<Vec<_>>().join(","))
+}
+
+/// A day-of-week part with each number moved to the crate's numbering, names left alone.
+fn shifted(part: &str) -> String {
+    let (range, step) = match part.split_once('/') {
+        Some((r, s)) => (r, Some(s)),
+        None => (part, None),
+    };
+    let shift = |d: &str| match d.parse::<u8>() {
+        Ok(n @ 0..=7) => ((n % 7) + 1).to_string(),
+        _ => d.to_string(),
+    };
+    let range = match range.split_once('-') {
+        Some((a, b)) => format!("{}-{}", shift(a), shift(b)),
+        None => shift(range),
+    };
+    match step {
+        Some(s) => format!("{range}/{s}"),
+        None => range,
+    }
 }
 
 fn to_utc(t: Timestamp) -> Option<DateTime<Utc>> {
@@ -152,6 +180,32 @@ mod tests {
         assert_eq!(fires[0], ts("2026-11-23T09:00:00Z"));
         let sunday = CronSpec::parse("0 9 * * 0", "UTC").unwrap();
         assert_eq!(sunday.next_after(ts("2026-11-23T00:00:00Z")), Some(ts("2026-11-29T09:00:00Z")));
+    }
+
+    /// Found writing the `cron` fuzz target's field-by-field oracle: a day-of-week range or step
+    /// reaching 7 (Sunday) lost Sunday, `1-7` becoming the crate's `2-7` (Monday to Saturday).
+    #[test]
+    fn day_of_week_ranges_and_steps_reaching_seven_include_sunday() {
+        // 2026-11-29 is a Sunday.
+        let sunday = ts("2026-11-29T09:00:00Z");
+        for expr in ["0 9 * * 1-7", "0 9 * * 5-7", "0 9 * * 1-7/2", "0 9 * * 1/2", "0 9 * * 0-7", "0 9 * * 6,7"] {
+            let s = CronSpec::parse(expr, "UTC").unwrap();
+            let fires = s.fires(ts("2026-11-23T00:00:00Z"), ts("2026-11-30T00:00:00Z"), 10);
+            assert!(fires.contains(&sunday), "{expr}: {fires:?}");
+        }
+        // And nothing else moved: Monday to Friday, every other day from Sunday, Saturday alone.
+        let days = |expr: &str| {
+            CronSpec::parse(expr, "UTC")
+                .unwrap()
+                .fires(ts("2026-11-22T00:00:00Z"), ts("2026-11-29T00:00:00Z"), 10)
+                .len()
+        };
+        assert_eq!(days("0 9 * * 1-5"), 5);
+        assert_eq!(days("0 9 * * */2"), 4);
+        assert_eq!(days("0 9 * * 6"), 1);
+        assert_eq!(days("0 9 * * 5-7"), 3);
+        assert!(CronSpec::parse("0 9 * * 8", "UTC").is_err());
+        assert!(CronSpec::parse("0 9 * * MON-FRI", "UTC").is_ok());
     }
 
     #[test]
