@@ -54,9 +54,29 @@ struct Cli {
     /// acked by then.
     #[arg(long, default_value_t = 120)]
     peer_max_secs: u64,
+    /// Run only these groups of benchmarks: `bundles` builds a ledger (claims batched, no
+    /// timing) and measures export, verify and replay, without the raw SQLite, claim and HTTP
+    /// figures.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Group>,
+    /// Also write each exported bundle here (`{jobs}` in the name is replaced by the job count),
+    /// for `--bundle` or `orch-verify` to read again.
+    #[arg(long)]
+    save_bundle: Option<String>,
+    /// Measure verify and replay on this bundle (written by `--save-bundle`, so signed by the
+    /// bench's key) instead of exporting one: a fixed input, e.g. for callgrind.
+    #[arg(long)]
+    bundle: Option<std::path::PathBuf>,
     /// Where to write the results.
     #[arg(long, default_value = "target/bench/results.json")]
     out: std::path::PathBuf,
+}
+
+/// A group of benchmarks for `--only`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Group {
+    /// Export, verify and replay.
+    Bundles,
 }
 
 const T0: Timestamp = Timestamp::from_millis(1_793_491_200_000);
@@ -184,6 +204,60 @@ fn raw_claim_ack(path: &Path, n: usize, batch: usize, batched_acks: bool) -> any
     Ok(per_sec(n, t))
 }
 
+/// The key the bench signs bundles with, and the root that trusts it.
+fn bench_key() -> (orch_core::trust::SigningKey, orch_core::trust::Root) {
+    let key = orch_core::trust::SigningKey::from_seed([2; 32]);
+    let pubs = [key.public()];
+    let root = orch_core::trust::Root::sign(
+        orch_core::trust::RootSigned::new(1, "2036-01-01T00:00:00Z", (&pubs, 1), (&pubs, 1)),
+        std::slice::from_ref(&key),
+    );
+    (key, root)
+}
+
+/// Verify against its ceiling (zstd decoding and SHA-256 alone), then replay of the history
+/// alone; `size` is the bundle's decoded content, `label` the job count of the size row.
+fn verify_and_replay(
+    bytes: &[u8],
+    history: &[u8],
+    size: usize,
+    label: usize,
+    row: &mut impl FnMut(&str, usize, f64, &str, Option<f64>),
+) -> anyhow::Result<()> {
+    let (_, root) = bench_key();
+    let events = history.iter().filter(|&&b| b == b'\n').count();
+    let opts = orch_verify::VerifyOptions { root, root_chain: Vec::new(), now: None, max_age_ms: None };
+    let t = Instant::now();
+    let report = orch_verify::verify(bytes, &opts);
+    let verify_secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(report.ok, "verification failed: {:?}", report.failures);
+    // Ceiling: zstd decoding plus sha256 over the decoded bytes, nothing else.
+    let t = Instant::now();
+    let decoded = zstd::decode_all(bytes)?;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(&decoded);
+    std::hint::black_box(digest);
+    let ceiling_secs = t.elapsed().as_secs_f64();
+    row(
+        "verify, MB/s of bundle content",
+        events,
+        size as f64 / 1e6 / verify_secs,
+        "MB/s",
+        Some(size as f64 / 1e6 / ceiling_secs),
+    );
+    row("verify, events", events, events as f64 / verify_secs, "/s", None);
+
+    let lines: Vec<&[u8]> = history.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    let t = Instant::now();
+    let mut v = orch_core::chain::ChainVerifier::new();
+    for l in &lines {
+        let ev = orch_core::Event::from_line(std::str::from_utf8(l)?)?;
+        v.push(&ev)?;
+    }
+    row("replay (parse+hash+chain+apply), events", lines.len(), per_sec(lines.len(), t), "/s", None);
+    row("bundle size, bytes", label, bytes.len() as f64, "B", None);
+    Ok(())
+}
+
 /// A schema of its own for a PostgreSQL measurement.
 mod pg_bench {
     pub struct Schema {
@@ -238,27 +312,42 @@ fn main() -> anyhow::Result<()> {
         );
     };
     let mut peer_runs: Vec<Value> = Vec::new();
-    for &n in cli.jobs.iter().filter(|&&n| n > 0) {
+    let only_bundles = cli.only.contains(&Group::Bundles);
+    if let Some(path) = &cli.bundle {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let entries = orch_verify::archive::read(&bytes).map_err(anyhow::Error::msg)?;
+        let size = orch_core::bundle::DATA_FILES.iter().filter_map(|f| entries.files.get(*f)).map(Vec::len).sum();
+        let history = &entries.files[orch_core::bundle::HISTORY];
+        let jobs = history.iter().filter(|&&b| b == b'\n').count() / 3;
+        verify_and_replay(&bytes, history, size, jobs, &mut row)?;
+    }
+    for &n in cli.jobs.iter().filter(|&&n| n > 0 && cli.bundle.is_none()) {
         let dir = tempfile::tempdir()?;
-        let ceiling1 = raw_claim_ack(&dir.path().join("raw1.db"), n.min(20_000), 1, false)?;
-        let ceiling100 = raw_claim_ack(&dir.path().join("raw100.db"), n, 100, true)?;
-        let ceiling100_single = raw_claim_ack(&dir.path().join("raw100s.db"), n, 100, false)?;
-        row("raw sqlite claim+ack, batch 1", n.min(20_000), ceiling1, "/s", None);
-        row("raw sqlite claim+ack, batch 100 (acks batched)", n, ceiling100, "/s", None);
-        row("raw sqlite claim+ack, batch 100 (ack per txn)", n, ceiling100_single, "/s", None);
-
         let db = dir.path().join("ledger.db");
         let store = open(&db)?;
-        let rate = enqueue(&store, n)?;
-        row("orch enqueue, batch 100", n, rate, "/s", None);
-        let first = n.min(20_000).min(n / 4);
-        let rate = claim_ack(&store, first, 1, false)?;
-        row("orch claim+ack, batch 1", first, rate, "/s", Some(ceiling1));
-        let half = (n - first) / 2;
-        let rate = claim_ack(&store, half, 100, false)?;
-        row("orch claim 100, ack one per call", half, rate, "/s", Some(ceiling100_single));
-        let rate = claim_ack(&store, n - first - half, 100, true)?;
-        row("orch claim 100, acks batched (ack_many)", n - first - half, rate, "/s", Some(ceiling100));
+        if only_bundles {
+            // The same history (3 events per job), built the quick way and not timed.
+            enqueue(&store, n)?;
+            claim_ack(&store, n, 100, true)?;
+        } else {
+            let ceiling1 = raw_claim_ack(&dir.path().join("raw1.db"), n.min(20_000), 1, false)?;
+            let ceiling100 = raw_claim_ack(&dir.path().join("raw100.db"), n, 100, true)?;
+            let ceiling100_single = raw_claim_ack(&dir.path().join("raw100s.db"), n, 100, false)?;
+            row("raw sqlite claim+ack, batch 1", n.min(20_000), ceiling1, "/s", None);
+            row("raw sqlite claim+ack, batch 100 (acks batched)", n, ceiling100, "/s", None);
+            row("raw sqlite claim+ack, batch 100 (ack per txn)", n, ceiling100_single, "/s", None);
+
+            let rate = enqueue(&store, n)?;
+            row("orch enqueue, batch 100", n, rate, "/s", None);
+            let first = n.min(20_000).min(n / 4);
+            let rate = claim_ack(&store, first, 1, false)?;
+            row("orch claim+ack, batch 1", first, rate, "/s", Some(ceiling1));
+            let half = (n - first) / 2;
+            let rate = claim_ack(&store, half, 100, false)?;
+            row("orch claim 100, ack one per call", half, rate, "/s", Some(ceiling100_single));
+            let rate = claim_ack(&store, n - first - half, 100, true)?;
+            row("orch claim 100, acks batched (ack_many)", n - first - half, rate, "/s", Some(ceiling100));
+        }
 
         // Bundles over the resulting history (3 events per job).
         let events = 3 * n;
@@ -274,51 +363,22 @@ fn main() -> anyhow::Result<()> {
             origin: None,
         };
         let exported = orch_bundle::export(&store, opts).context("export")?;
-        let key = orch_core::trust::SigningKey::from_seed([2; 32]);
+        let (key, _) = bench_key();
         let env = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), std::slice::from_ref(&key));
         let bytes = exported.pack(&env)?;
         let export_rate = per_sec(events, t);
         let raw_size: usize = exported.files.values().map(Vec::len).sum();
         row("export (read+replay+hash+pack), events", events, export_rate, "/s", None);
         row("export, MB/s of bundle content", events, raw_size as f64 / 1e6 / t.elapsed().as_secs_f64(), "MB/s", None);
-
-        let root = {
-            let pubs = [key.public()];
-            orch_core::trust::Root::sign(
-                orch_core::trust::RootSigned::new(1, "2036-01-01T00:00:00Z", (&pubs, 1), (&pubs, 1)),
-                std::slice::from_ref(&key),
-            )
-        };
-        let opts = orch_verify::VerifyOptions { root, root_chain: Vec::new(), now: None, max_age_ms: None };
-        let t = Instant::now();
-        let report = orch_verify::verify(&bytes, &opts);
-        let verify_secs = t.elapsed().as_secs_f64();
-        anyhow::ensure!(report.ok, "verification failed: {:?}", report.failures);
-        // Ceiling: zstd decoding plus sha256 over the decoded bytes, nothing else.
-        let t = Instant::now();
-        let decoded = zstd::decode_all(bytes.as_slice())?;
-        let digest = <sha2::Sha256 as sha2::Digest>::digest(&decoded);
-        std::hint::black_box(digest);
-        let ceiling_secs = t.elapsed().as_secs_f64();
-        row(
-            "verify, MB/s of bundle content",
-            events,
-            raw_size as f64 / 1e6 / verify_secs,
-            "MB/s",
-            Some(raw_size as f64 / 1e6 / ceiling_secs),
-        );
-        row("verify, events", events, events as f64 / verify_secs, "/s", None);
-
-        let lines: Vec<&[u8]> =
-            exported.files[orch_core::bundle::HISTORY].split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
-        let t = Instant::now();
-        let mut v = orch_core::chain::ChainVerifier::new();
-        for l in &lines {
-            let ev = orch_core::Event::from_line(std::str::from_utf8(l)?)?;
-            v.push(&ev)?;
+        if let Some(path) = &cli.save_bundle {
+            let path = path.replace("{jobs}", &n.to_string());
+            std::fs::write(&path, &bytes).with_context(|| format!("writing {path}"))?;
+            eprintln!("wrote {path}");
         }
-        row("replay (parse+hash+chain+apply), events", lines.len(), per_sec(lines.len(), t), "/s", None);
-        row("bundle size, bytes", n, bytes.len() as f64, "B", None);
+        verify_and_replay(&bytes, &exported.files[orch_core::bundle::HISTORY], raw_size, n, &mut row)?;
+        if only_bundles {
+            continue;
+        }
 
         if let Some(bin) = &cli.peer_apalis {
             // orch first (fresh ledgers, all n jobs through one path each), then apalis.

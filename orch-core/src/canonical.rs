@@ -54,6 +54,19 @@ pub fn to_vec_locating<T: Serialize + ?Sized>(
     Ok((out, found))
 }
 
+/// [`to_vec_locating`] into `out`, which is cleared first: for callers that encode many values
+/// and keep one buffer.
+pub fn write_locating<T: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    value: &T,
+    key: &str,
+) -> Result<Option<Member>, CanonicalError> {
+    out.clear();
+    let mut found = None;
+    value.serialize(Writer { out, locate: Some((key, &mut found)) })?;
+    Ok(found)
+}
+
 /// The canonical bytes of a value without its top-level member `key`.
 pub fn to_vec_without<T: Serialize + ?Sized>(value: &T, key: &str) -> Result<Vec<u8>, CanonicalError> {
     let (mut out, member) = to_vec_locating(value, key)?;

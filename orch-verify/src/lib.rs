@@ -181,6 +181,158 @@ fn first_jobs_difference<'a>(replayed: impl Iterator<Item = &'a Job>, lines: &[&
         .map(|r| (format!("job {}", r.id), format!("replay gives {} but jobs.jsonl has nothing", show(Some(r)))))
 }
 
+/// The data files' digests and line counts, and the history's Merkle tree.
+struct Hashed {
+    /// Per data file: lowercase hex SHA-256 and newline count.
+    files: BTreeMap<&'static str, (String, u64)>,
+    merkle: orch_core::merkle::MerkleBuilder,
+}
+
+fn hash_files(files: &BTreeMap<String, Vec<u8>>, history: &[u8]) -> Hashed {
+    let empty = Vec::new();
+    let files = bundle::DATA_FILES
+        .iter()
+        .map(|&name| {
+            let content = files.get(name).unwrap_or(&empty);
+            let lines = content.iter().filter(|&&b| b == b'\n').count() as u64;
+            (name, (orch_core::hash::sha256_hex(content), lines))
+        })
+        .collect();
+    let mut merkle = orch_core::merkle::MerkleBuilder::new();
+    for line in history_lines(history) {
+        merkle.push_leaf(line);
+    }
+    Hashed { files, merkle }
+}
+
+/// The lines of `history.jsonl`, each a Merkle leaf. Every line is an event: a blank one is an
+/// error, not skipped (`orchd import` refuses it); a last line without its newline is a line.
+fn history_lines(history: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let body = history.strip_suffix(b"\n").unwrap_or(history);
+    (!history.is_empty()).then(|| body.split(|&b| b == b'\n')).into_iter().flatten()
+}
+
+/// What checking the chain and replaying it found.
+struct Chain {
+    /// Failures of the `chain` check (and of `replay` for base.jsonl and events that do not
+    /// apply, reported with the chain as before).
+    failures: Vec<Failure>,
+    /// Failures of the `replay` check proper: jobs.jsonl against the replayed jobs.
+    replay_failures: Vec<Failure>,
+    /// The last event's sequence number and time.
+    last: Option<(u64, Timestamp)>,
+    /// Lines of jobs.jsonl.
+    jobs: u64,
+}
+
+/// History, in one pass over its lines, keeping no parsed event: each event's hash, tenant link
+/// and sequence are checked and it is replayed over base.jsonl; then the replayed jobs are
+/// compared with jobs.jsonl.
+fn check_chain(manifest: &Manifest, base: &[u8], history: &[u8], jobs_file: &[u8]) -> Chain {
+    let mut cx = Ctx { checks: Vec::new(), failures: Vec::new() };
+    let base: Vec<Job> = parse_lines(base, bundle::BASE).unwrap_or_else(|(entry, msg)| {
+        cx.fail("replay", entry, msg);
+        Vec::new()
+    });
+    let heads: BTreeMap<String, String> =
+        manifest.chains.iter().map(|(t, s)| (t.clone(), s.first_prev_hash.clone())).collect();
+    let base_map: BTreeMap<JobId, Job> = base.into_iter().map(|j| (j.id, j)).collect();
+    let mut verifier = ChainVerifier::resume(heads, base_map, manifest.from_seq.saturating_sub(1));
+    let mut chain_ok = true;
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut firsts: BTreeMap<String, String> = BTreeMap::new();
+    let mut touched: BTreeSet<JobId> = BTreeSet::new();
+    let mut last: Option<(u64, Timestamp)> = None;
+    if !history.is_empty() && !history.ends_with(b"\n") {
+        cx.fail("chain", bundle::HISTORY, "last line is not newline-terminated");
+        chain_ok = false;
+    }
+    for (i, line) in history_lines(history).enumerate() {
+        if !chain_ok {
+            break;
+        }
+        let ev = match std::str::from_utf8(line)
+            .map_err(|e| e.to_string())
+            .and_then(|l| Event::from_line(l).map_err(|e| e.to_string()))
+        {
+            Ok(ev) => ev,
+            Err(e) => {
+                cx.fail("chain", format!("{}:{}", bundle::HISTORY, i + 1), e);
+                chain_ok = false;
+                continue;
+            }
+        };
+        if manifest.tenant.is_none() && ev.seq != manifest.from_seq + i as u64 {
+            cx.fail("chain", format!("event {}", ev.seq), format!("expected seq {}", manifest.from_seq + i as u64));
+            chain_ok = false;
+            continue;
+        }
+        if let Some(t) = &manifest.tenant {
+            if &ev.tenant != t {
+                cx.fail(
+                    "chain",
+                    format!("event {}", ev.seq),
+                    format!("tenant {:?} in a bundle of tenant {t:?}", ev.tenant),
+                );
+            }
+        }
+        if let Err(e) = verifier.push(&ev) {
+            let (check, entry) = match &e {
+                orch_core::chain::ChainError::Replay(r) => ("replay", format!("event {}", r.seq)),
+                _ => ("chain", format!("event {}", ev.seq)),
+            };
+            cx.fail(check, entry, e.to_string());
+            chain_ok = false;
+            continue;
+        }
+        // Looked up before inserting: a tenant's name is copied once, not for every event.
+        match counts.get_mut(&ev.tenant) {
+            Some(n) => *n += 1,
+            None => {
+                counts.insert(ev.tenant.clone(), 1);
+                firsts.insert(ev.tenant.clone(), ev.hash.clone());
+            }
+        }
+        touched.extend(ev.job_id);
+        last = Some((ev.seq, ev.at));
+    }
+    if chain_ok {
+        // A site bundle ends exactly at to_seq; a tenant's may end earlier (later events were
+        // other tenants'), never later.
+        let last_seq = last.map(|(s, _)| s);
+        let ends_ok = match manifest.tenant {
+            None => last_seq == Some(manifest.to_seq),
+            Some(_) => last_seq.is_some_and(|l| l <= manifest.to_seq),
+        };
+        if !ends_ok {
+            cx.fail("chain", bundle::HISTORY, format!("does not end at seq {}", manifest.to_seq));
+        }
+        for (tenant, span) in &manifest.chains {
+            if verifier.heads().get(tenant) != Some(&span.last_hash)
+                || firsts.get(tenant) != Some(&span.first_hash)
+                || counts.get(tenant).copied().unwrap_or(0) != span.events
+            {
+                cx.fail("chain", format!("tenant {tenant}"), "chain start, end or length differs from the manifest");
+            }
+        }
+        if counts.len() != manifest.chains.len() {
+            cx.fail("chain", bundle::MANIFEST, "the manifest's chains do not match the history's tenants");
+        }
+    }
+    let failures = std::mem::take(&mut cx.failures);
+    let jobs = lines_of(jobs_file, bundle::JOBS).unwrap_or_else(|(entry, msg)| {
+        cx.fail("replay", entry, msg);
+        Vec::new()
+    });
+    if chain_ok {
+        let replayed = verifier.jobs().values().filter(|j| touched.contains(&j.id));
+        if let Some((entry, msg)) = first_jobs_difference(replayed, &jobs) {
+            cx.fail("replay", entry, msg);
+        }
+    }
+    Chain { failures, replay_failures: cx.failures, last, jobs: jobs.len() as u64 }
+}
+
 /// Verifies a bundle.
 pub fn verify(bytes: &[u8], opts: &VerifyOptions) -> Report {
     let mut cx = Ctx { checks: Vec::new(), failures: Vec::new() };
@@ -277,6 +429,16 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         }
     }
 
+    // The data files' digests and the history's Merkle tree are pure hashing over bytes already
+    // in memory: a second thread computes them while this one checks the chain and replays it.
+    // Failures are reported in the order of the checks all the same.
+    let history = file(bundle::HISTORY);
+    let (hashed, chain) = std::thread::scope(|s| {
+        let hashing = s.spawn(|| hash_files(files, history));
+        let chain = check_chain(&manifest, file(bundle::BASE), history, file(bundle::JOBS));
+        (hashing.join().expect("hashing does not panic"), chain)
+    });
+
     // Files against the manifest and SHA256SUMS.
     cx.check("files");
     for name in bundle::DATA_FILES {
@@ -284,15 +446,14 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         match manifest.files.get(name) {
             None => cx.fail("files", name, "not listed in the manifest"),
             Some(e) => {
-                let got = orch_core::hash::sha256_hex(content);
-                if got != e.sha256 {
+                let (got, lines) = &hashed.files[name];
+                if *got != e.sha256 {
                     cx.fail("files", name, format!("sha256 {got}, manifest says {}", e.sha256));
                 }
                 if content.len() as u64 != e.size {
                     cx.fail("files", name, format!("size {}, manifest says {}", content.len(), e.size));
                 }
-                let lines = content.iter().filter(|&&b| b == b'\n').count() as u64;
-                if lines != e.lines {
+                if *lines != e.lines {
                     cx.fail("files", name, format!("{lines} lines, manifest says {}", e.lines));
                 }
             }
@@ -306,99 +467,10 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         cx.fail("files", bundle::SHA256SUMS, "does not match the manifest's digests");
     }
 
-    // History, in one pass over its lines, keeping no parsed event: each line is a Merkle leaf;
-    // each event's hash, tenant link and sequence are checked and it is replayed.
     cx.check("chain");
-    let base: Vec<Job> = parse_lines(file(bundle::BASE), bundle::BASE).unwrap_or_else(|(entry, msg)| {
-        cx.fail("replay", entry, msg);
-        Vec::new()
-    });
-    let heads: BTreeMap<String, String> =
-        manifest.chains.iter().map(|(t, s)| (t.clone(), s.first_prev_hash.clone())).collect();
-    let base_map: BTreeMap<JobId, Job> = base.into_iter().map(|j| (j.id, j)).collect();
-    let mut verifier = ChainVerifier::resume(heads, base_map, manifest.from_seq.saturating_sub(1));
-    let mut chain_ok = true;
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut firsts: BTreeMap<String, String> = BTreeMap::new();
-    let mut touched: BTreeSet<JobId> = BTreeSet::new();
-    let mut last: Option<(u64, Timestamp)> = None;
-    let mut merkle = orch_core::merkle::MerkleBuilder::new();
-    let history = file(bundle::HISTORY);
-    if !history.is_empty() && !history.ends_with(b"\n") {
-        cx.fail("chain", bundle::HISTORY, "last line is not newline-terminated");
-        chain_ok = false;
-    }
-    // Every line is an event: a blank one is an error, not skipped (`orchd import` refuses it).
-    let body = history.strip_suffix(b"\n").unwrap_or(history);
-    let lines = (!history.is_empty()).then(|| body.split(|&b| b == b'\n')).into_iter().flatten();
-    for (i, line) in lines.enumerate() {
-        merkle.push_leaf(line);
-        if !chain_ok {
-            continue;
-        }
-        let ev = match std::str::from_utf8(line)
-            .map_err(|e| e.to_string())
-            .and_then(|l| Event::from_line(l).map_err(|e| e.to_string()))
-        {
-            Ok(ev) => ev,
-            Err(e) => {
-                cx.fail("chain", format!("{}:{}", bundle::HISTORY, i + 1), e);
-                chain_ok = false;
-                continue;
-            }
-        };
-        if manifest.tenant.is_none() && ev.seq != manifest.from_seq + i as u64 {
-            cx.fail("chain", format!("event {}", ev.seq), format!("expected seq {}", manifest.from_seq + i as u64));
-            chain_ok = false;
-            continue;
-        }
-        if let Some(t) = &manifest.tenant {
-            if &ev.tenant != t {
-                cx.fail(
-                    "chain",
-                    format!("event {}", ev.seq),
-                    format!("tenant {:?} in a bundle of tenant {t:?}", ev.tenant),
-                );
-            }
-        }
-        if let Err(e) = verifier.push(&ev) {
-            let (check, entry) = match &e {
-                orch_core::chain::ChainError::Replay(r) => ("replay", format!("event {}", r.seq)),
-                _ => ("chain", format!("event {}", ev.seq)),
-            };
-            cx.fail(check, entry, e.to_string());
-            chain_ok = false;
-            continue;
-        }
-        *counts.entry(ev.tenant.clone()).or_default() += 1;
-        firsts.entry(ev.tenant.clone()).or_insert_with(|| ev.hash.clone());
-        touched.extend(ev.job_id);
-        last = Some((ev.seq, ev.at));
-    }
-    if chain_ok {
-        // A site bundle ends exactly at to_seq; a tenant's may end earlier (later events were
-        // other tenants'), never later.
-        let last_seq = last.map(|(s, _)| s);
-        let ends_ok = match manifest.tenant {
-            None => last_seq == Some(manifest.to_seq),
-            Some(_) => last_seq.is_some_and(|l| l <= manifest.to_seq),
-        };
-        if !ends_ok {
-            cx.fail("chain", bundle::HISTORY, format!("does not end at seq {}", manifest.to_seq));
-        }
-        for (tenant, span) in &manifest.chains {
-            if verifier.heads().get(tenant) != Some(&span.last_hash)
-                || firsts.get(tenant) != Some(&span.first_hash)
-                || counts.get(tenant).copied().unwrap_or(0) != span.events
-            {
-                cx.fail("chain", format!("tenant {tenant}"), "chain start, end or length differs from the manifest");
-            }
-        }
-        if counts.len() != manifest.chains.len() {
-            cx.fail("chain", bundle::MANIFEST, "the manifest's chains do not match the history's tenants");
-        }
-    }
+    cx.failures.extend(chain.failures);
     cx.check("merkle");
+    let merkle = hashed.merkle;
     let root_hex = hex::encode(merkle.root());
     if root_hex != manifest.merkle.root || merkle.len() != manifest.merkle.leaves {
         cx.fail(
@@ -415,7 +487,7 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
 
     // Time anchor staleness.
     cx.check("anchor");
-    if let Some((_, at)) = last {
+    if let Some((_, at)) = chain.last {
         if manifest.time_anchor.at < at {
             cx.fail(
                 "anchor",
@@ -441,18 +513,10 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         }
     }
 
-    // Replay: history folded over base must give jobs.jsonl exactly, byte for byte.
+    // Replay: history folded over base must give jobs.jsonl exactly, byte for byte (compared
+    // by `check_chain`, whose failures of this check come here).
     cx.check("replay");
-    let jobs = lines_of(file(bundle::JOBS), bundle::JOBS).unwrap_or_else(|(entry, msg)| {
-        cx.fail("replay", entry, msg);
-        Vec::new()
-    });
-    if chain_ok {
-        let replayed = verifier.jobs().values().filter(|j| touched.contains(&j.id));
-        if let Some((entry, msg)) = first_jobs_difference(replayed, &jobs) {
-            cx.fail("replay", entry, msg);
-        }
-    }
+    cx.failures.extend(chain.replay_failures);
 
     Some(Summary {
         site_id: manifest.site_id.clone(),
@@ -460,7 +524,7 @@ fn run(bytes: &[u8], opts: &VerifyOptions, cx: &mut Ctx) -> Option<Summary> {
         from_seq: manifest.from_seq,
         to_seq: manifest.to_seq,
         events: merkle.len(),
-        jobs: jobs.len() as u64,
+        jobs: chain.jobs,
         merkle_root: manifest.merkle.root.clone(),
         anchor: manifest.time_anchor.at,
         root_version: root.signed.version,
