@@ -35,6 +35,10 @@ struct Cli {
     /// Skip the HTTP benchmarks (they need the release `orchd` beside this binary).
     #[arg(long)]
     no_http: bool,
+    /// Run only the HTTP benchmarks (at each count of `--jobs`), not the in-process ledger,
+    /// bundle and peer ones.
+    #[arg(long, conflicts_with = "no_http")]
+    only_http: bool,
     /// Also measure the daemon's memory with a deep queue: enqueue this many jobs over HTTP
     /// into a fresh `orchd`, reporting RSS idle and at a tenth, half and all of them queued.
     /// With `--jobs 0` only the daemon benchmarks run.
@@ -240,124 +244,138 @@ fn main() -> anyhow::Result<()> {
     let mut peer_runs: Vec<Value> = Vec::new();
     for &n in cli.jobs.iter().filter(|&&n| n > 0) {
         let dir = tempfile::tempdir()?;
-        let ceiling1 = raw_claim_ack(&dir.path().join("raw1.db"), n.min(20_000), 1, false)?;
-        let ceiling100 = raw_claim_ack(&dir.path().join("raw100.db"), n, 100, true)?;
-        let ceiling100_single = raw_claim_ack(&dir.path().join("raw100s.db"), n, 100, false)?;
-        row("raw sqlite claim+ack, batch 1", n.min(20_000), ceiling1, "/s", None);
-        row("raw sqlite claim+ack, batch 100 (acks batched)", n, ceiling100, "/s", None);
-        row("raw sqlite claim+ack, batch 100 (ack per txn)", n, ceiling100_single, "/s", None);
+        if !cli.only_http {
+            let ceiling1 = raw_claim_ack(&dir.path().join("raw1.db"), n.min(20_000), 1, false)?;
+            let ceiling100 = raw_claim_ack(&dir.path().join("raw100.db"), n, 100, true)?;
+            let ceiling100_single = raw_claim_ack(&dir.path().join("raw100s.db"), n, 100, false)?;
+            row("raw sqlite claim+ack, batch 1", n.min(20_000), ceiling1, "/s", None);
+            row("raw sqlite claim+ack, batch 100 (acks batched)", n, ceiling100, "/s", None);
+            row("raw sqlite claim+ack, batch 100 (ack per txn)", n, ceiling100_single, "/s", None);
 
-        let db = dir.path().join("ledger.db");
-        let store = open(&db)?;
-        let rate = enqueue(&store, n)?;
-        row("orch enqueue, batch 100", n, rate, "/s", None);
-        let first = n.min(20_000).min(n / 4);
-        let rate = claim_ack(&store, first, 1, false)?;
-        row("orch claim+ack, batch 1", first, rate, "/s", Some(ceiling1));
-        let half = (n - first) / 2;
-        let rate = claim_ack(&store, half, 100, false)?;
-        row("orch claim 100, ack one per call", half, rate, "/s", Some(ceiling100_single));
-        let rate = claim_ack(&store, n - first - half, 100, true)?;
-        row("orch claim 100, acks batched (ack_many)", n - first - half, rate, "/s", Some(ceiling100));
+            let db = dir.path().join("ledger.db");
+            let store = open(&db)?;
+            let rate = enqueue(&store, n)?;
+            row("orch enqueue, batch 100", n, rate, "/s", None);
+            let first = n.min(20_000).min(n / 4);
+            let rate = claim_ack(&store, first, 1, false)?;
+            row("orch claim+ack, batch 1", first, rate, "/s", Some(ceiling1));
+            let half = (n - first) / 2;
+            let rate = claim_ack(&store, half, 100, false)?;
+            row("orch claim 100, ack one per call", half, rate, "/s", Some(ceiling100_single));
+            let rate = claim_ack(&store, n - first - half, 100, true)?;
+            row("orch claim 100, acks batched (ack_many)", n - first - half, rate, "/s", Some(ceiling100));
 
-        // Bundles over the resulting history (3 events per job).
-        let events = 3 * n;
-        let t = Instant::now();
-        let opts = orch_bundle::ExportOptions {
-            scope: Scope::All,
-            from_seq: 1,
-            to_seq: None,
-            site_id: Some("bench".into()),
-            anchor: None,
-            redactor: orch_core::bundle::Redactor::new(Default::default(), Vec::new()),
-            previous: None,
-            origin: None,
-        };
-        let exported = orch_bundle::export(&store, opts).context("export")?;
-        let key = orch_core::trust::SigningKey::from_seed([2; 32]);
-        let env = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), std::slice::from_ref(&key));
-        let bytes = exported.pack(&env)?;
-        let export_rate = per_sec(events, t);
-        let raw_size: usize = exported.files.values().map(Vec::len).sum();
-        row("export (read+replay+hash+pack), events", events, export_rate, "/s", None);
-        row("export, MB/s of bundle content", events, raw_size as f64 / 1e6 / t.elapsed().as_secs_f64(), "MB/s", None);
+            // Bundles over the resulting history (3 events per job).
+            let events = 3 * n;
+            let t = Instant::now();
+            let opts = orch_bundle::ExportOptions {
+                scope: Scope::All,
+                from_seq: 1,
+                to_seq: None,
+                site_id: Some("bench".into()),
+                anchor: None,
+                redactor: orch_core::bundle::Redactor::new(Default::default(), Vec::new()),
+                previous: None,
+                origin: None,
+            };
+            let exported = orch_bundle::export(&store, opts).context("export")?;
+            let key = orch_core::trust::SigningKey::from_seed([2; 32]);
+            let env = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), std::slice::from_ref(&key));
+            let bytes = exported.pack(&env)?;
+            let export_rate = per_sec(events, t);
+            let raw_size: usize = exported.files.values().map(Vec::len).sum();
+            row("export (read+replay+hash+pack), events", events, export_rate, "/s", None);
+            row(
+                "export, MB/s of bundle content",
+                events,
+                raw_size as f64 / 1e6 / t.elapsed().as_secs_f64(),
+                "MB/s",
+                None,
+            );
 
-        let root = {
-            let pubs = [key.public()];
-            orch_core::trust::Root::sign(
-                orch_core::trust::RootSigned::new(1, "2036-01-01T00:00:00Z", (&pubs, 1), (&pubs, 1)),
-                std::slice::from_ref(&key),
-            )
-        };
-        let opts = orch_verify::VerifyOptions { root, root_chain: Vec::new(), now: None, max_age_ms: None };
-        let t = Instant::now();
-        let report = orch_verify::verify(&bytes, &opts);
-        let verify_secs = t.elapsed().as_secs_f64();
-        anyhow::ensure!(report.ok, "verification failed: {:?}", report.failures);
-        // Ceiling: zstd decoding plus sha256 over the decoded bytes, nothing else.
-        let t = Instant::now();
-        let decoded = zstd::decode_all(bytes.as_slice())?;
-        let digest = <sha2::Sha256 as sha2::Digest>::digest(&decoded);
-        std::hint::black_box(digest);
-        let ceiling_secs = t.elapsed().as_secs_f64();
-        row(
-            "verify, MB/s of bundle content",
-            events,
-            raw_size as f64 / 1e6 / verify_secs,
-            "MB/s",
-            Some(raw_size as f64 / 1e6 / ceiling_secs),
-        );
-        row("verify, events", events, events as f64 / verify_secs, "/s", None);
+            let root = {
+                let pubs = [key.public()];
+                orch_core::trust::Root::sign(
+                    orch_core::trust::RootSigned::new(1, "2036-01-01T00:00:00Z", (&pubs, 1), (&pubs, 1)),
+                    std::slice::from_ref(&key),
+                )
+            };
+            let opts = orch_verify::VerifyOptions { root, root_chain: Vec::new(), now: None, max_age_ms: None };
+            let t = Instant::now();
+            let report = orch_verify::verify(&bytes, &opts);
+            let verify_secs = t.elapsed().as_secs_f64();
+            anyhow::ensure!(report.ok, "verification failed: {:?}", report.failures);
+            // Ceiling: zstd decoding plus sha256 over the decoded bytes, nothing else.
+            let t = Instant::now();
+            let decoded = zstd::decode_all(bytes.as_slice())?;
+            let digest = <sha2::Sha256 as sha2::Digest>::digest(&decoded);
+            std::hint::black_box(digest);
+            let ceiling_secs = t.elapsed().as_secs_f64();
+            row(
+                "verify, MB/s of bundle content",
+                events,
+                raw_size as f64 / 1e6 / verify_secs,
+                "MB/s",
+                Some(raw_size as f64 / 1e6 / ceiling_secs),
+            );
+            row("verify, events", events, events as f64 / verify_secs, "/s", None);
 
-        let lines: Vec<&[u8]> =
-            exported.files[orch_core::bundle::HISTORY].split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
-        let t = Instant::now();
-        let mut v = orch_core::chain::ChainVerifier::new();
-        for l in &lines {
-            let ev = orch_core::Event::from_line(std::str::from_utf8(l)?)?;
-            v.push(&ev)?;
-        }
-        row("replay (parse+hash+chain+apply), events", lines.len(), per_sec(lines.len(), t), "/s", None);
-        row("bundle size, bytes", n, bytes.len() as f64, "B", None);
+            let lines: Vec<&[u8]> =
+                exported.files[orch_core::bundle::HISTORY].split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+            let t = Instant::now();
+            let mut v = orch_core::chain::ChainVerifier::new();
+            for l in &lines {
+                let ev = orch_core::Event::from_line(std::str::from_utf8(l)?)?;
+                v.push(&ev)?;
+            }
+            row("replay (parse+hash+chain+apply), events", lines.len(), per_sec(lines.len(), t), "/s", None);
+            row("bundle size, bytes", n, bytes.len() as f64, "B", None);
 
-        if let Some(bin) = &cli.peer_apalis {
-            // orch first (fresh ledgers, all n jobs through one path each), then apalis.
-            let load_before = peer::load_average();
-            eprintln!("peer: {n} jobs, load average {load_before}");
-            let (orch_push, orch1) = peer::orch(&dir.path().join("peer-orch-1.db"), n, 1, false)?;
-            let (_, orch100) = peer::orch(&dir.path().join("peer-orch-100.db"), n, 100, true)?;
-            let w = cli.workers;
-            let max = cli.peer_max_secs;
-            let runs = peer::apalis(bin, &dir.path().join("apalis-1"), n, 1, max)
-                .and_then(|one| Ok((one, peer::apalis(bin, &dir.path().join("apalis-w"), n, w, max)?)));
-            match runs {
-                Ok((one, many)) => {
-                    for (r, workers) in [(&one, 1), (&many, w)] {
-                        if !r.complete {
-                            eprintln!(
-                                "peer: apalis, {workers} worker(s): stopped after {max} s, {} of {n} acked",
-                                r.done
-                            );
+            if let Some(bin) = &cli.peer_apalis {
+                // orch first (fresh ledgers, all n jobs through one path each), then apalis.
+                let load_before = peer::load_average();
+                eprintln!("peer: {n} jobs, load average {load_before}");
+                let (orch_push, orch1) = peer::orch(&dir.path().join("peer-orch-1.db"), n, 1, false)?;
+                let (_, orch100) = peer::orch(&dir.path().join("peer-orch-100.db"), n, 100, true)?;
+                let w = cli.workers;
+                let max = cli.peer_max_secs;
+                let runs = peer::apalis(bin, &dir.path().join("apalis-1"), n, 1, max)
+                    .and_then(|one| Ok((one, peer::apalis(bin, &dir.path().join("apalis-w"), n, w, max)?)));
+                match runs {
+                    Ok((one, many)) => {
+                        for (r, workers) in [(&one, 1), (&many, w)] {
+                            if !r.complete {
+                                eprintln!(
+                                    "peer: apalis, {workers} worker(s): stopped after {max} s, {} of {n} acked",
+                                    r.done
+                                );
+                            }
                         }
+                        row("apalis (SQLite) push, batches of 100", n, one.push_per_sec, "/s", None);
+                        row("apalis (SQLite) process, 1 worker", one.done, one.process_per_sec, "/s", None);
+                        row(
+                            &format!("apalis (SQLite) process, {w} workers"),
+                            many.done,
+                            many.process_per_sec,
+                            "/s",
+                            None,
+                        );
+                        // "ceiling" holds apalis's figure here, so "ratio" is orch / apalis.
+                        let best = one.process_per_sec.max(many.process_per_sec);
+                        row("orch/apalis: enqueue vs push, batches of 100", n, orch_push, "/s", Some(one.push_per_sec));
+                        row("orch/apalis: claim+ack batch 1 vs apalis best", n, orch1, "/s", Some(best));
+                        row("orch/apalis: claim 100 + ack_many vs apalis best", n, orch100, "/s", Some(best));
+                        peer_runs.push(json!({
+                            "jobs": n,
+                            "load_average_before": load_before,
+                            "load_average_after": peer::load_average(),
+                            "orch": {"enqueue_per_sec": orch_push, "claim_ack_batch1_per_sec": orch1,
+                                     "claim100_ack_many_per_sec": orch100},
+                            "apalis": [one.doc, many.doc],
+                        }));
                     }
-                    row("apalis (SQLite) push, batches of 100", n, one.push_per_sec, "/s", None);
-                    row("apalis (SQLite) process, 1 worker", one.done, one.process_per_sec, "/s", None);
-                    row(&format!("apalis (SQLite) process, {w} workers"), many.done, many.process_per_sec, "/s", None);
-                    // "ceiling" holds apalis's figure here, so "ratio" is orch / apalis.
-                    let best = one.process_per_sec.max(many.process_per_sec);
-                    row("orch/apalis: enqueue vs push, batches of 100", n, orch_push, "/s", Some(one.push_per_sec));
-                    row("orch/apalis: claim+ack batch 1 vs apalis best", n, orch1, "/s", Some(best));
-                    row("orch/apalis: claim 100 + ack_many vs apalis best", n, orch100, "/s", Some(best));
-                    peer_runs.push(json!({
-                        "jobs": n,
-                        "load_average_before": load_before,
-                        "load_average_after": peer::load_average(),
-                        "orch": {"enqueue_per_sec": orch_push, "claim_ack_batch1_per_sec": orch1,
-                                 "claim100_ack_many_per_sec": orch100},
-                        "apalis": [one.doc, many.doc],
-                    }));
+                    Err(e) => eprintln!("peer: apalis at {n} jobs failed, no peer rows: {e:#}"),
                 }
-                Err(e) => eprintln!("peer: apalis at {n} jobs failed, no peer rows: {e:#}"),
             }
         }
 
@@ -370,10 +388,16 @@ fn main() -> anyhow::Result<()> {
             row("HTTP enqueue, batches of 1000", n, d.enqueue("http", n)?, "/s", None);
             row("orchd RSS with the jobs queued, MB", n, d.rss()? as f64 / 1e6, "MB", None);
             let w = cli.workers;
-            row(&format!("HTTP claim+ack, batch 100, {w} workers"), h / 2, d.work("http", h / 2, w, 100)?, "/s", None);
+            eprintln!("HTTP at {n} jobs: load average {}", peer::load_average());
+            let (rate, cpu) = http::cpu_per_job(&d, h / 2, || d.work("http", h / 2, w, 100))?;
+            row(&format!("HTTP claim+ack, batch 100, {w} workers"), h / 2, rate, "/s", None);
+            row("  orchd CPU per job, batch 100, us", h / 2, cpu.daemon_us, "us", None);
+            row("  client CPU per job, batch 100, us", h / 2, cpu.client_us, "us", None);
             let single = (h / 2).min(20_000);
-            let peak = d.work("http", single, w, 1)?;
+            let (peak, cpu) = http::cpu_per_job(&d, single, || d.work("http", single, w, 1))?;
             row(&format!("HTTP claim+ack, 1 per request, {w} workers"), single, peak, "/s", None);
+            row("  orchd CPU per job, 1 per request, us", single, cpu.daemon_us, "us", None);
+            row("  client CPU per job, 1 per request, us", single, cpu.client_us, "us", None);
             let (p50, p99) = d.latency("latency", peak / 2.0, 5.0, w)?;
             row("HTTP enqueue->claim p50 at half peak, ms", 0, p50, "ms", None);
             row("HTTP enqueue->claim p99 at half peak, ms", 0, p99, "ms", None);

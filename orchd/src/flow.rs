@@ -830,6 +830,36 @@ pub async fn observe(st: &AppState, job: &Job, outcome: Outcome<'_>) {
     }
 }
 
+/// [`observe`] on the blocking pool, right after the store call that reported `job`: one hop
+/// for both, and no async thread waits for the flow lock (which a claim holds through its
+/// transaction).
+pub fn observe_blocking(st: &Observer, s: &dyn Store, job: &Job, outcome: Outcome<'_>) {
+    let records = {
+        let mut flow = lock(&st.flow);
+        flow.observe(job, outcome, st.clock.now());
+        flow.take_pending()
+    };
+    if records.is_empty() {
+        return;
+    }
+    if let Err(e) = s.record_throttles(records) {
+        tracing::warn!(error = %e, "throttle records could not be written");
+    }
+}
+
+/// What [`observe_blocking`] needs of the state, to move into a blocking closure.
+pub struct Observer {
+    flow: std::sync::Arc<std::sync::Mutex<FlowControl>>,
+    clock: std::sync::Arc<dyn orch_core::Clock>,
+}
+
+impl Observer {
+    /// The state's flow control and clock.
+    pub fn of(st: &AppState) -> Observer {
+        Observer { flow: st.flow.clone(), clock: st.clock.clone() }
+    }
+}
+
 /// Re-reads the rules after a change.
 pub async fn reload(st: &AppState) -> Result<(), StoreError> {
     let flow = st.flow.clone();
