@@ -72,6 +72,11 @@ impl Daemon {
         Ok(kb * 1024)
     }
 
+    /// CPU time the daemon has used so far (user + system, all threads), in seconds.
+    pub fn cpu_secs(&self) -> anyhow::Result<f64> {
+        cpu_secs(&format!("/proc/{}/stat", self.child.id()))
+    }
+
     fn agent() -> ureq::Agent {
         ureq::Agent::config_builder().http_status_as_error(false).build().into()
     }
@@ -230,6 +235,40 @@ pub fn work_across(daemons: &[&Daemon], queue: &str, n: usize, workers: usize, b
         Ok(())
     })?;
     Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// User + system CPU seconds of a process (all its threads, also those that exited) from its
+/// `/proc/<pid>/stat`, whose times are in `USER_HZ` ticks: 100 per second on Linux.
+pub fn cpu_secs(stat: &str) -> anyhow::Result<f64> {
+    let s = std::fs::read_to_string(stat)?;
+    // The command name may hold spaces; the fields after it are fixed.
+    let rest = s.rsplit_once(')').context("unreadable stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5) (utime, stime) are 11 and 12 after the state (field 3).
+    let ticks: u64 = f.get(11).context("no utime")?.parse::<u64>()? + f.get(12).context("no stime")?.parse::<u64>()?;
+    Ok(ticks as f64 / 100.0)
+}
+
+/// CPU time used while running `f`, by the daemon and by this (client) process, per job.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuPerJob {
+    /// Microseconds of the daemon's CPU per job.
+    pub daemon_us: f64,
+    /// Microseconds of the client's CPU (all its worker threads) per job.
+    pub client_us: f64,
+}
+
+/// Runs `f` (which handles `jobs` jobs) and measures the CPU both sides spent on them.
+pub fn cpu_per_job<T>(
+    d: &Daemon,
+    jobs: usize,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, CpuPerJob)> {
+    let (d0, c0) = (d.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let out = f()?;
+    let (d1, c1) = (d.cpu_secs()?, cpu_secs("/proc/self/stat")?);
+    let per = |a: f64, b: f64| (b - a) * 1e6 / jobs.max(1) as f64;
+    Ok((out, CpuPerJob { daemon_us: per(d0, d1), client_us: per(c0, c1) }))
 }
 
 /// What a sustained-load run saw.

@@ -54,9 +54,9 @@ struct Cli {
     /// acked by then.
     #[arg(long, default_value_t = 120)]
     peer_max_secs: u64,
-    /// Run only these groups of benchmarks: `bundles` builds a ledger (claims batched, no
-    /// timing) and measures export, verify and replay, without the raw SQLite, claim and HTTP
-    /// figures.
+    /// Run only these groups of benchmarks (comma-separated): `bundles` builds a ledger (claims
+    /// batched, no timing) and measures export, verify and replay; `http` runs the HTTP
+    /// benchmarks. Without it, all of them, the raw SQLite, claim and peer figures too.
     #[arg(long, value_delimiter = ',')]
     only: Vec<Group>,
     /// Also write each exported bundle here (`{jobs}` in the name is replaced by the job count),
@@ -77,6 +77,8 @@ struct Cli {
 enum Group {
     /// Export, verify and replay.
     Bundles,
+    /// A real `orchd` over loopback: enqueue, claim+ack, latency, RSS.
+    Http,
 }
 
 const T0: Timestamp = Timestamp::from_millis(1_793_491_200_000);
@@ -321,66 +323,72 @@ fn main() -> anyhow::Result<()> {
         let jobs = history.iter().filter(|&&b| b == b'\n').count() / 3;
         verify_and_replay(&bytes, history, size, jobs, &mut row)?;
     }
+    let all = cli.only.is_empty();
     for &n in cli.jobs.iter().filter(|&&n| n > 0 && cli.bundle.is_none()) {
         let dir = tempfile::tempdir()?;
-        let db = dir.path().join("ledger.db");
-        let store = open(&db)?;
-        if only_bundles {
-            // The same history (3 events per job), built the quick way and not timed.
-            enqueue(&store, n)?;
-            claim_ack(&store, n, 100, true)?;
-        } else {
-            let ceiling1 = raw_claim_ack(&dir.path().join("raw1.db"), n.min(20_000), 1, false)?;
-            let ceiling100 = raw_claim_ack(&dir.path().join("raw100.db"), n, 100, true)?;
-            let ceiling100_single = raw_claim_ack(&dir.path().join("raw100s.db"), n, 100, false)?;
-            row("raw sqlite claim+ack, batch 1", n.min(20_000), ceiling1, "/s", None);
-            row("raw sqlite claim+ack, batch 100 (acks batched)", n, ceiling100, "/s", None);
-            row("raw sqlite claim+ack, batch 100 (ack per txn)", n, ceiling100_single, "/s", None);
+        if all || only_bundles {
+            let db = dir.path().join("ledger.db");
+            let store = open(&db)?;
+            if only_bundles {
+                // The same history (3 events per job), built the quick way and not timed.
+                enqueue(&store, n)?;
+                claim_ack(&store, n, 100, true)?;
+            } else {
+                let ceiling1 = raw_claim_ack(&dir.path().join("raw1.db"), n.min(20_000), 1, false)?;
+                let ceiling100 = raw_claim_ack(&dir.path().join("raw100.db"), n, 100, true)?;
+                let ceiling100_single = raw_claim_ack(&dir.path().join("raw100s.db"), n, 100, false)?;
+                row("raw sqlite claim+ack, batch 1", n.min(20_000), ceiling1, "/s", None);
+                row("raw sqlite claim+ack, batch 100 (acks batched)", n, ceiling100, "/s", None);
+                row("raw sqlite claim+ack, batch 100 (ack per txn)", n, ceiling100_single, "/s", None);
 
-            let rate = enqueue(&store, n)?;
-            row("orch enqueue, batch 100", n, rate, "/s", None);
-            let first = n.min(20_000).min(n / 4);
-            let rate = claim_ack(&store, first, 1, false)?;
-            row("orch claim+ack, batch 1", first, rate, "/s", Some(ceiling1));
-            let half = (n - first) / 2;
-            let rate = claim_ack(&store, half, 100, false)?;
-            row("orch claim 100, ack one per call", half, rate, "/s", Some(ceiling100_single));
-            let rate = claim_ack(&store, n - first - half, 100, true)?;
-            row("orch claim 100, acks batched (ack_many)", n - first - half, rate, "/s", Some(ceiling100));
+                let rate = enqueue(&store, n)?;
+                row("orch enqueue, batch 100", n, rate, "/s", None);
+                let first = n.min(20_000).min(n / 4);
+                let rate = claim_ack(&store, first, 1, false)?;
+                row("orch claim+ack, batch 1", first, rate, "/s", Some(ceiling1));
+                let half = (n - first) / 2;
+                let rate = claim_ack(&store, half, 100, false)?;
+                row("orch claim 100, ack one per call", half, rate, "/s", Some(ceiling100_single));
+                let rate = claim_ack(&store, n - first - half, 100, true)?;
+                row("orch claim 100, acks batched (ack_many)", n - first - half, rate, "/s", Some(ceiling100));
+            }
+
+            // Bundles over the resulting history (3 events per job).
+            let events = 3 * n;
+            let t = Instant::now();
+            let opts = orch_bundle::ExportOptions {
+                scope: Scope::All,
+                from_seq: 1,
+                to_seq: None,
+                site_id: Some("bench".into()),
+                anchor: None,
+                redactor: orch_core::bundle::Redactor::new(Default::default(), Vec::new()),
+                previous: None,
+                origin: None,
+            };
+            let exported = orch_bundle::export(&store, opts).context("export")?;
+            let (key, _) = bench_key();
+            let env = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), std::slice::from_ref(&key));
+            let bytes = exported.pack(&env)?;
+            let export_rate = per_sec(events, t);
+            let raw_size: usize = exported.files.values().map(Vec::len).sum();
+            row("export (read+replay+hash+pack), events", events, export_rate, "/s", None);
+            row(
+                "export, MB/s of bundle content",
+                events,
+                raw_size as f64 / 1e6 / t.elapsed().as_secs_f64(),
+                "MB/s",
+                None,
+            );
+            if let Some(path) = &cli.save_bundle {
+                let path = path.replace("{jobs}", &n.to_string());
+                std::fs::write(&path, &bytes).with_context(|| format!("writing {path}"))?;
+                eprintln!("wrote {path}");
+            }
+            verify_and_replay(&bytes, &exported.files[orch_core::bundle::HISTORY], raw_size, n, &mut row)?;
         }
 
-        // Bundles over the resulting history (3 events per job).
-        let events = 3 * n;
-        let t = Instant::now();
-        let opts = orch_bundle::ExportOptions {
-            scope: Scope::All,
-            from_seq: 1,
-            to_seq: None,
-            site_id: Some("bench".into()),
-            anchor: None,
-            redactor: orch_core::bundle::Redactor::new(Default::default(), Vec::new()),
-            previous: None,
-            origin: None,
-        };
-        let exported = orch_bundle::export(&store, opts).context("export")?;
-        let (key, _) = bench_key();
-        let env = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), std::slice::from_ref(&key));
-        let bytes = exported.pack(&env)?;
-        let export_rate = per_sec(events, t);
-        let raw_size: usize = exported.files.values().map(Vec::len).sum();
-        row("export (read+replay+hash+pack), events", events, export_rate, "/s", None);
-        row("export, MB/s of bundle content", events, raw_size as f64 / 1e6 / t.elapsed().as_secs_f64(), "MB/s", None);
-        if let Some(path) = &cli.save_bundle {
-            let path = path.replace("{jobs}", &n.to_string());
-            std::fs::write(&path, &bytes).with_context(|| format!("writing {path}"))?;
-            eprintln!("wrote {path}");
-        }
-        verify_and_replay(&bytes, &exported.files[orch_core::bundle::HISTORY], raw_size, n, &mut row)?;
-        if only_bundles {
-            continue;
-        }
-
-        if let Some(bin) = &cli.peer_apalis {
+        if let (true, Some(bin)) = (all, &cli.peer_apalis) {
             // orch first (fresh ledgers, all n jobs through one path each), then apalis.
             let load_before = peer::load_average();
             eprintln!("peer: {n} jobs, load average {load_before}");
@@ -421,7 +429,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
 
-        if !cli.no_http {
+        if !cli.no_http && (all || cli.only.contains(&Group::Http)) {
             let d = http::Daemon::start(dir.path(), 100_000_000)?;
             std::thread::sleep(std::time::Duration::from_millis(500));
             row("orchd RSS idle, MB", 0, d.rss()? as f64 / 1e6, "MB", None);
@@ -430,10 +438,16 @@ fn main() -> anyhow::Result<()> {
             row("HTTP enqueue, batches of 1000", n, d.enqueue("http", n)?, "/s", None);
             row("orchd RSS with the jobs queued, MB", n, d.rss()? as f64 / 1e6, "MB", None);
             let w = cli.workers;
-            row(&format!("HTTP claim+ack, batch 100, {w} workers"), h / 2, d.work("http", h / 2, w, 100)?, "/s", None);
+            eprintln!("HTTP at {n} jobs: load average {}", peer::load_average());
+            let (rate, cpu) = http::cpu_per_job(&d, h / 2, || d.work("http", h / 2, w, 100))?;
+            row(&format!("HTTP claim+ack, batch 100, {w} workers"), h / 2, rate, "/s", None);
+            row("  orchd CPU per job, batch 100, us", h / 2, cpu.daemon_us, "us", None);
+            row("  client CPU per job, batch 100, us", h / 2, cpu.client_us, "us", None);
             let single = (h / 2).min(20_000);
-            let peak = d.work("http", single, w, 1)?;
+            let (peak, cpu) = http::cpu_per_job(&d, single, || d.work("http", single, w, 1))?;
             row(&format!("HTTP claim+ack, 1 per request, {w} workers"), single, peak, "/s", None);
+            row("  orchd CPU per job, 1 per request, us", single, cpu.daemon_us, "us", None);
+            row("  client CPU per job, 1 per request, us", single, cpu.client_us, "us", None);
             let (p50, p99) = d.latency("latency", peak / 2.0, 5.0, w)?;
             row("HTTP enqueue->claim p50 at half peak, ms", 0, p50, "ms", None);
             row("HTTP enqueue->claim p99 at half peak, ms", 0, p99, "ms", None);

@@ -173,6 +173,15 @@ pub trait Store: Send + Sync + 'static {
     /// The token whose secret hashes to `hash`, revoked or expired ones included.
     fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
 
+    /// A stamp for remembering tokens: it moves whenever a token may have changed since it was
+    /// last taken, whoever changed it (this process or another one on the same ledger), so a
+    /// token read under one stamp is current while the stamp stays the same. `None` when the
+    /// store cannot tell at once; the caller then reads the token. Never blocks, so it may be
+    /// called on an async thread. By default, `None`.
+    fn token_stamp(&self) -> Option<u64> {
+        None
+    }
+
     /// Revokes a token by id (revoking twice keeps the first instant).
     fn revoke_token(&self, id: &str) -> Result<TokenRecord, StoreError>;
 

@@ -48,6 +48,14 @@ pub enum Synchronous {
 pub struct SqliteStore {
     path: PathBuf,
     writer: Mutex<Connection>,
+    /// [`Store::token_stamp`]: moves on every token write of this store and whenever the
+    /// writer's `data_version` shows a commit by another connection.
+    token_epoch: std::sync::atomic::AtomicU64,
+    /// The writer's `PRAGMA data_version` when last looked at (only read under its lock).
+    seen_version: std::sync::atomic::AtomicI64,
+    /// Set while a write transaction that has looked at `data_version` holds SQLite's write
+    /// lock: no other connection can commit then, so the epoch is current.
+    checked: std::sync::atomic::AtomicBool,
     readers: Mutex<Vec<Connection>>,
     clock: Arc<dyn Clock>,
     opts: StoreOptions,
@@ -191,9 +199,13 @@ impl SqliteStore {
         migrate(&mut writer, &path)?;
         writer.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
         let checkpointer = Checkpointer::start(&path, sync);
+        let version = data_version(&writer)?;
         Ok(SqliteStore {
             path,
             writer: Mutex::new(writer),
+            token_epoch: Default::default(),
+            seen_version: version.into(),
+            checked: Default::default(),
             readers: Mutex::new(Vec::new()),
             clock,
             opts,
@@ -219,10 +231,14 @@ impl SqliteStore {
     ) -> Result<T, StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // With SQLite's write lock held, no other connection commits until this one does:
+        // take in the commits that came before, so token_stamp can answer meanwhile.
+        let checked = self.note_version(&tx).is_ok().then(|| Checked::set(&self.checked));
         let mut stx = SqliteTx(&tx);
         let mut w = Writer::new(&mut stx, self.clock.now(), &self.opts);
         let out = f(&mut w)?;
         w.finish()?;
+        drop(checked);
         tx.commit()?;
         self.checkpointer.committed();
         Ok(out)
@@ -263,6 +279,25 @@ impl SqliteStore {
         })
     }
 
+    /// Compares the writer's `data_version` (`conn` is the writer) with the last one seen;
+    /// a change means another connection committed, which may have changed a token.
+    fn note_version(&self, conn: &Connection) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let version = data_version(conn)?;
+        if self.seen_version.swap(version, SeqCst) != version {
+            self.token_epoch.fetch_add(1, SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Moves the token stamp after this store committed a token write. After the commit, not
+    /// inside the transaction: a request may take the stamp while the transaction runs (see
+    /// `token_stamp`) and read the token as it was before; only a stamp that moves after the
+    /// commit keeps that read from being remembered as current.
+    fn token_written(&self) {
+        self.token_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Runs `f` on a pooled read connection.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let conn = lock(&self.readers).pop();
@@ -277,6 +312,28 @@ impl SqliteStore {
         }
         out
     }
+}
+
+/// Sets a flag for as long as it lives.
+struct Checked<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Checked<'a> {
+    fn set(flag: &'a std::sync::atomic::AtomicBool) -> Checked<'a> {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        Checked(flag)
+    }
+}
+
+impl Drop for Checked<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A connection's `PRAGMA data_version`: it changes when, and only when, another connection
+/// (of this process or any other) commits to the database.
+fn data_version(c: &Connection) -> Result<i64, StoreError> {
+    Ok(c.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -959,11 +1016,27 @@ impl Store for SqliteStore {
             )?;
             Ok(())
         })?;
+        self.token_written();
         self.read(|c| token_where(c, "id = ?1", &t.id))?.ok_or_else(|| StoreError::Corrupt("token vanished".into()))
     }
 
     fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.read(|c| token_where(c, "hash = ?1", hash))
+    }
+
+    /// All of this process's writes go through the writer, whose `data_version` therefore
+    /// moves only when another connection commits: some other process (`orchd token revoke`)
+    /// or another store on the same file. Token writes of this store bump the epoch
+    /// themselves. An idle writer is asked at once; a busy one answers for itself once its
+    /// transaction has looked (see `write`), and until then the answer is `None`, not a wait.
+    fn token_stamp(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::SeqCst;
+        match self.writer.try_lock() {
+            Ok(conn) => self.note_version(&conn).ok()?,
+            Err(std::sync::TryLockError::WouldBlock) if self.checked.load(SeqCst) => {}
+            Err(_) => return None,
+        }
+        Some(self.token_epoch.load(SeqCst))
     }
 
     fn revoke_token(&self, id: &str) -> Result<TokenRecord, StoreError> {
@@ -973,6 +1046,7 @@ impl Store for SqliteStore {
                 params![id, w.now.as_millis()],
             )?)
         })?;
+        self.token_written();
         if changed == 0 {
             return Err(StoreError::Missing { what: "token", id: id.to_string() });
         }

@@ -815,18 +815,47 @@ pub async fn claim(st: &AppState, req: ClaimRequest) -> Result<Vec<Allocation>, 
     .await
 }
 
+/// Feeds a worker's report to flow control; returns the throttle records it made, to write.
+fn feed(flow: &std::sync::Mutex<FlowControl>, now: Timestamp, job: &Job, outcome: Outcome<'_>) -> Vec<ThrottleRecord> {
+    let mut flow = lock(flow);
+    flow.observe(job, outcome, now);
+    flow.take_pending()
+}
+
 /// Feeds a worker's report to flow control and writes the records it made.
 pub async fn observe(st: &AppState, job: &Job, outcome: Outcome<'_>) {
-    let records = {
-        let mut flow = lock(&st.flow);
-        flow.observe(job, outcome, st.clock.now());
-        flow.take_pending()
-    };
+    let records = feed(&st.flow, st.clock.now(), job, outcome);
     if records.is_empty() {
         return;
     }
     if let Err(e) = st.blocking(move |s| s.record_throttles(records)).await {
         tracing::warn!(error = %e, "throttle records could not be written");
+    }
+}
+
+/// [`observe`] on the blocking pool, right after the store call that reported `job`: one hop
+/// for both, and no async thread waits for the flow lock (which a claim holds through its
+/// transaction).
+pub fn observe_blocking(obs: &Observer, s: &dyn Store, job: &Job, outcome: Outcome<'_>) {
+    let records = feed(&obs.flow, obs.clock.now(), job, outcome);
+    if records.is_empty() {
+        return;
+    }
+    if let Err(e) = s.record_throttles(records) {
+        tracing::warn!(error = %e, "throttle records could not be written");
+    }
+}
+
+/// What [`observe_blocking`] needs of the state, to move into a blocking closure.
+pub struct Observer {
+    flow: std::sync::Arc<std::sync::Mutex<FlowControl>>,
+    clock: std::sync::Arc<dyn orch_core::Clock>,
+}
+
+impl Observer {
+    /// The state's flow control and clock.
+    pub fn of(st: &AppState) -> Observer {
+        Observer { flow: st.flow.clone(), clock: st.clock.clone() }
     }
 }
 

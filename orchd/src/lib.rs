@@ -38,6 +38,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Flow-control rules and live state (buckets, breakers).
     pub flow: Arc<std::sync::Mutex<flow::FlowControl>>,
+    /// API tokens already read, while the ledger says none changed.
+    pub tokens: Arc<http::auth::TokenCache>,
     ready: Arc<AtomicBool>,
     leader: Arc<AtomicBool>,
 }
@@ -55,6 +57,7 @@ impl AppState {
         });
         AppState {
             flow: Arc::new(std::sync::Mutex::new(flow)),
+            tokens: Arc::default(),
             store,
             clock,
             settings: Arc::new(settings),

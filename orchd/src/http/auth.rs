@@ -2,14 +2,14 @@
 //! SHA-256 hashes) or JWTs of an external Authority checked against a local JWKS file. Each
 //! caller is bound to one tenant, or to `*` (site administrators), and holds scopes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use orch_store::Scope;
+use orch_store::{Scope, TokenRecord};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -106,10 +106,71 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// Tokens read from the ledger, kept while the store's [`orch_store::Store::token_stamp`]
+/// stays the same, so that a request whose token was seen before needs no read. The stamp
+/// moves whenever any process may have changed a token, so a revocation (by `orchd token
+/// revoke`, in another process) takes effect on the next request. At most [`TokenCache::MAX`]
+/// tokens; only tokens the ledger knows are kept.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    inner: std::sync::Mutex<(u64, HashMap<String, TokenRecord>)>,
+}
+
+impl TokenCache {
+    /// Past this many tokens the cache starts over.
+    pub const MAX: usize = 4096;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<String, TokenRecord>)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The token with this hash, if it was read under `stamp`.
+    fn get(&self, stamp: u64, hash: &str) -> Option<TokenRecord> {
+        let mut g = self.lock();
+        if g.0 != stamp {
+            if stamp > g.0 {
+                *g = (stamp, HashMap::new());
+            }
+            return None;
+        }
+        g.1.get(hash).cloned()
+    }
+
+    /// Keeps a token read after `stamp` was taken.
+    fn put(&self, stamp: u64, hash: String, record: TokenRecord) {
+        let mut g = self.lock();
+        if g.0 != stamp {
+            // Stamps only grow; an older one's reads may be stale.
+            if g.0 > stamp {
+                return;
+            }
+            *g = (stamp, HashMap::new());
+        }
+        if g.1.len() >= Self::MAX {
+            g.1.clear();
+        }
+        g.1.insert(hash, record);
+    }
+}
+
+/// The token with this hash: from the cache if the stamp allows, otherwise from the ledger.
+async fn token_record(state: &AppState, hash: String) -> Result<Option<TokenRecord>, ApiError> {
+    let stamp = state.store.token_stamp();
+    if let Some(r) = stamp.and_then(|s| state.tokens.get(s, &hash)) {
+        return Ok(Some(r));
+    }
+    let key = hash.clone();
+    let record = state.blocking(move |s| s.token_by_hash(&key)).await?;
+    if let (Some(stamp), Some(r)) = (stamp, &record) {
+        state.tokens.put(stamp, hash, r.clone());
+    }
+    Ok(record)
+}
+
 /// Middleware: authenticates the bearer credential and stores the [`Principal`] in the request.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let headers = req.headers().clone();
-    match principal_of(&state, &headers).await {
+    let principal = principal_of(&state, req.headers()).await;
+    match principal {
         Ok(p) => {
             req.extensions_mut().insert(p);
             next.run(req).await
@@ -135,9 +196,7 @@ async fn principal_of(state: &AppState, headers: &axum::http::HeaderMap) -> Resu
         .map(|v| v.to_str().map(str::to_string).map_err(|_| ApiError::invalid("unreadable Orch-Tenant header")))
         .transpose()?;
     let (actor, tenant, scopes) = if token.starts_with("orch_") {
-        let hash = token_hash(token);
-        let record =
-            state.blocking(move |s| s.token_by_hash(&hash)).await?.ok_or_else(|| unauthenticated("unknown token"))?;
+        let record = token_record(state, token_hash(token)).await?.ok_or_else(|| unauthenticated("unknown token"))?;
         if record.revoked_at.is_some() {
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "token_revoked", "the token was revoked"));
         }

@@ -463,8 +463,14 @@ pub async fn ack(
     p.require(&[WORK])?;
     let scope = p.scope();
     let ack = Ack { lease_id: body.lease_id, artifacts: artifacts(body.artifacts)? };
-    let job = st.blocking(move |s| s.ack(&scope, id, ack)).await?;
-    crate::flow::observe(&st, &job, crate::flow::Outcome::Succeeded).await;
+    let obs = crate::flow::Observer::of(&st);
+    let job = st
+        .blocking(move |s| {
+            let job = s.ack(&scope, id, ack)?;
+            crate::flow::observe_blocking(&obs, s, &job, crate::flow::Outcome::Succeeded);
+            Ok(job)
+        })
+        .await?;
     Ok(Json(JobOut { job }))
 }
 
@@ -487,11 +493,17 @@ pub async fn ack_batch(
         acks.push((item.job_id, Ack { lease_id: item.lease_id, artifacts: artifacts(item.artifacts)? }));
     }
     let ids: Vec<JobId> = acks.iter().map(|(id, _)| *id).collect();
-    let results = st.blocking(move |s| s.ack_many(&scope, acks)).await?;
+    let obs = crate::flow::Observer::of(&st);
+    let results = st
+        .blocking(move |s| {
+            let results = s.ack_many(&scope, acks)?;
+            for job in results.iter().filter_map(|r| r.as_ref().ok()) {
+                crate::flow::observe_blocking(&obs, s, job, crate::flow::Outcome::Succeeded);
+            }
+            Ok(results)
+        })
+        .await?;
     let results: Vec<(JobId, Result<orch_core::Job, orch_store::StoreError>)> = ids.into_iter().zip(results).collect();
-    for job in results.iter().filter_map(|(_, r)| r.as_ref().ok()) {
-        crate::flow::observe(&st, job, crate::flow::Outcome::Succeeded).await;
-    }
     let items = results
         .into_iter()
         .map(|(job_id, r)| match r {
@@ -532,9 +544,15 @@ pub async fn fail(
         retry_after_ms: body.retry_after_seconds.map(|s| s.saturating_mul(1000)),
     };
     let (class, message, retry_after_ms) = (f.class.clone(), f.message.clone(), f.retry_after_ms);
-    let job = st.blocking(move |s| s.fail(&scope, id, f)).await?;
-    let outcome = crate::flow::Outcome::Failed { class: &class, message: &message, retry_after_ms };
-    crate::flow::observe(&st, &job, outcome).await;
+    let obs = crate::flow::Observer::of(&st);
+    let job = st
+        .blocking(move |s| {
+            let job = s.fail(&scope, id, f)?;
+            let outcome = crate::flow::Outcome::Failed { class: &class, message: &message, retry_after_ms };
+            crate::flow::observe_blocking(&obs, s, &job, outcome);
+            Ok(job)
+        })
+        .await?;
     Ok(Json(JobOut { job }))
 }
 
