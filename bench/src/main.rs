@@ -54,9 +54,10 @@ struct Cli {
     /// acked by then.
     #[arg(long, default_value_t = 120)]
     peer_max_secs: u64,
-    /// Run only these groups of benchmarks (comma-separated): `bundles` builds a ledger (claims
-    /// batched, no timing) and measures export, verify and replay; `http` runs the HTTP
-    /// benchmarks. Without it, all of them, the raw SQLite, claim and peer figures too.
+    /// Run only these groups of benchmarks (comma-separated): `ledger` measures the raw SQLite
+    /// ceilings and orch's in-process enqueue and claim+ack; `bundles` builds a ledger (claims
+    /// batched, untimed unless `ledger` is chosen too) and measures export, verify and replay;
+    /// `http` runs the HTTP benchmarks. Without it, all of them, and the peer figures too.
     #[arg(long, value_delimiter = ',')]
     only: Vec<Group>,
     /// Also write each exported bundle here (`{jobs}` in the name is replaced by the job count),
@@ -75,6 +76,8 @@ struct Cli {
 /// A group of benchmarks for `--only`.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Group {
+    /// Raw SQLite ceilings, in-process enqueue and claim+ack.
+    Ledger,
     /// Export, verify and replay.
     Bundles,
     /// A real `orchd` over loopback: enqueue, claim+ack, latency, RSS.
@@ -314,7 +317,9 @@ fn main() -> anyhow::Result<()> {
         );
     };
     let mut peer_runs: Vec<Value> = Vec::new();
-    let only_bundles = cli.only.contains(&Group::Bundles);
+    let all = cli.only.is_empty();
+    let ledger = all || cli.only.contains(&Group::Ledger);
+    let bundles = all || cli.only.contains(&Group::Bundles);
     if let Some(path) = &cli.bundle {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let entries = orch_verify::archive::read(&bytes).map_err(anyhow::Error::msg)?;
@@ -323,13 +328,12 @@ fn main() -> anyhow::Result<()> {
         let jobs = history.iter().filter(|&&b| b == b'\n').count() / 3;
         verify_and_replay(&bytes, history, size, jobs, &mut row)?;
     }
-    let all = cli.only.is_empty();
     for &n in cli.jobs.iter().filter(|&&n| n > 0 && cli.bundle.is_none()) {
         let dir = tempfile::tempdir()?;
-        if all || only_bundles {
+        if ledger || bundles {
             let db = dir.path().join("ledger.db");
             let store = open(&db)?;
-            if only_bundles {
+            if !ledger {
                 // The same history (3 events per job), built the quick way and not timed.
                 enqueue(&store, n)?;
                 claim_ack(&store, n, 100, true)?;
@@ -353,39 +357,41 @@ fn main() -> anyhow::Result<()> {
                 row("orch claim 100, acks batched (ack_many)", n - first - half, rate, "/s", Some(ceiling100));
             }
 
-            // Bundles over the resulting history (3 events per job).
-            let events = 3 * n;
-            let t = Instant::now();
-            let opts = orch_bundle::ExportOptions {
-                scope: Scope::All,
-                from_seq: 1,
-                to_seq: None,
-                site_id: Some("bench".into()),
-                anchor: None,
-                redactor: orch_core::bundle::Redactor::new(Default::default(), Vec::new()),
-                previous: None,
-                origin: None,
-            };
-            let exported = orch_bundle::export(&store, opts).context("export")?;
-            let (key, _) = bench_key();
-            let env = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), std::slice::from_ref(&key));
-            let bytes = exported.pack(&env)?;
-            let export_rate = per_sec(events, t);
-            let raw_size: usize = exported.files.values().map(Vec::len).sum();
-            row("export (read+replay+hash+pack), events", events, export_rate, "/s", None);
-            row(
-                "export, MB/s of bundle content",
-                events,
-                raw_size as f64 / 1e6 / t.elapsed().as_secs_f64(),
-                "MB/s",
-                None,
-            );
-            if let Some(path) = &cli.save_bundle {
-                let path = path.replace("{jobs}", &n.to_string());
-                std::fs::write(&path, &bytes).with_context(|| format!("writing {path}"))?;
-                eprintln!("wrote {path}");
+            if bundles {
+                // Bundles over the resulting history (3 events per job).
+                let events = 3 * n;
+                let t = Instant::now();
+                let opts = orch_bundle::ExportOptions {
+                    scope: Scope::All,
+                    from_seq: 1,
+                    to_seq: None,
+                    site_id: Some("bench".into()),
+                    anchor: None,
+                    redactor: orch_core::bundle::Redactor::new(Default::default(), Vec::new()),
+                    previous: None,
+                    origin: None,
+                };
+                let exported = orch_bundle::export(&store, opts).context("export")?;
+                let (key, _) = bench_key();
+                let env = orch_bundle::keys::sign_manifest(&exported.manifest_bytes(), std::slice::from_ref(&key));
+                let bytes = exported.pack(&env)?;
+                let export_rate = per_sec(events, t);
+                let raw_size: usize = exported.files.values().map(Vec::len).sum();
+                row("export (read+replay+hash+pack), events", events, export_rate, "/s", None);
+                row(
+                    "export, MB/s of bundle content",
+                    events,
+                    raw_size as f64 / 1e6 / t.elapsed().as_secs_f64(),
+                    "MB/s",
+                    None,
+                );
+                if let Some(path) = &cli.save_bundle {
+                    let path = path.replace("{jobs}", &n.to_string());
+                    std::fs::write(&path, &bytes).with_context(|| format!("writing {path}"))?;
+                    eprintln!("wrote {path}");
+                }
+                verify_and_replay(&bytes, &exported.files[orch_core::bundle::HISTORY], raw_size, n, &mut row)?;
             }
-            verify_and_replay(&bytes, &exported.files[orch_core::bundle::HISTORY], raw_size, n, &mut row)?;
         }
 
         if let (true, Some(bin)) = (all, &cli.peer_apalis) {

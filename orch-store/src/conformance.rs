@@ -645,11 +645,13 @@ pub fn dag_dependencies(h: Harness) {
     let late = h.store.enqueue("test", vec![new("c2", vec![Dep::Job(parent.id)], Cancel)]).unwrap();
     assert_eq!(h.store.job(&t("acme"), late[0].job.id).unwrap().state, JobState::Cancelled);
 
-    // Another tenant's job, or none, as a parent: refused, nothing written.
+    // Another tenant's job, or none, as a parent: refused, nothing written, not even the
+    // good job before it in the batch (the transaction rolls back, and the next one starts).
     let theirs = enqueue_one(&h, "globex", "q");
     let before = h.store.jobs(&t("acme"), &JobFilter::default(), PageRequest { after: 0, limit: 1000 }).unwrap();
+    let good = NewJob::new("acme", "p", "q", json!({}));
     for dep in [Dep::Job(theirs.id), Dep::Job(999_999), Dep::Earlier(5)] {
-        let err = h.store.enqueue("test", vec![enqueue_new("acme", dep)]).unwrap_err();
+        let err = h.store.enqueue("test", vec![good.clone(), enqueue_new("acme", dep)]).unwrap_err();
         assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
     }
     let after = h.store.jobs(&t("acme"), &JobFilter::default(), PageRequest { after: 0, limit: 1000 }).unwrap();
