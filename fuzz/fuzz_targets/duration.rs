@@ -3,44 +3,19 @@
 //! text reads back as the same instant; `orch_verify::parse_max_age` never panics, reads `<n><unit>`
 //! exactly as humantime's units say (refusing what overflows), and its duration survives
 //! humantime's formatting; and the golden bundle is stale exactly when `now` is more than the
-//! allowed age past its anchor.
+//! allowed age past its anchor. The units and staleness are `tests/tests/time_flags_fuzz.rs`'s
+//! (`orch_fuzz::oracle::time_flags`, the same file).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use orch_core::Timestamp;
 use orch_fuzz::bundle::{golden, opts};
-
-const SECOND: u128 = 1_000_000_000;
-/// humantime's units and their length in nanoseconds (a month is 30.44 days, a year 365.25).
-const UNITS: [(&str, u128); 10] = [
-    ("ns", 1),
-    ("us", 1_000),
-    ("ms", 1_000_000),
-    ("s", SECOND),
-    ("m", 60 * SECOND),
-    ("h", 3_600 * SECOND),
-    ("d", 86_400 * SECOND),
-    ("w", 604_800 * SECOND),
-    ("M", 2_630_016 * SECOND),
-    ("y", 31_557_600 * SECOND),
-];
+use orch_fuzz::oracle::time_flags::{is_stale, read_age};
 
 /// What chrono says `s` is, within the canonical years.
 fn reference(s: &str) -> Option<i64> {
     let ms = chrono::DateTime::parse_from_rfc3339(s).ok()?.timestamp_millis();
     (-62_167_219_200_000..=253_402_300_799_999).contains(&ms).then_some(ms)
-}
-
-/// `<digits><unit>` read by hand: `Some(None)` where humantime's arithmetic overflows (units below
-/// a second count u64 nanoseconds, the others u64 seconds).
-fn simple(s: &str) -> Option<Option<u128>> {
-    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
-    let (n, unit) = s.split_at(digits);
-    let ns = UNITS.iter().find(|(u, _)| *u == unit)?.1;
-    let n: u128 = n.parse().ok().filter(|_| digits <= 30)?;
-    let total = n.checked_mul(ns)?;
-    let fits = if ns < SECOND { total <= u128::from(u64::MAX) } else { total / SECOND <= u128::from(u64::MAX) };
-    Some(fits.then_some(total))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -56,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let age = orch_verify::parse_max_age(age_text);
-    if let Some(expected) = simple(age_text) {
+    if let Some(expected) = read_age(age_text) {
         let expected_ms = expected.map(|ns| u64::try_from(ns / 1_000_000).unwrap_or(u64::MAX));
         assert_eq!(age.as_ref().ok().copied(), expected_ms, "{age_text:?}: {age:?}");
     }
@@ -70,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
         (o.now, o.max_age_ms) = (Some(now), Some(max));
         let report = orch_verify::verify(&g.bytes, &o);
         let anchor = report.summary.as_ref().expect("the golden bundle reads").anchor;
-        let stale = i128::from(now.as_millis()) - i128::from(anchor.as_millis()) > i128::from(max);
+        let stale = is_stale(now, anchor, u128::from(max));
         assert_eq!(!report.ok, stale, "now {now}, max age {max} ms, anchor {anchor}: {:?}", report.failures);
         assert!(report.failures.iter().all(|f| f.check == "anchor"), "{:?}", report.failures);
     }

@@ -1,13 +1,15 @@
 //! Request bodies and query strings for the control plane, through the daemon's own router in
-//! process (`orch_fuzz::site`). The first byte picks the endpoint (and whether a
-//! `content-type: application/json` header is sent), the rest is the body of a POST or PUT, or
-//! the query string of a GET. Nothing may answer 5xx, and every 4xx is the JSON error envelope
-//! with a stable code. Seeds (`fuzz/seeds/http_body/`) are valid bodies behind their selector.
+//! process (`orch_fuzz::site`, the site of `orchd/tests/auth_fuzz.rs`). The first byte picks the
+//! endpoint (and whether a `content-type: application/json` header is sent), the rest is the body
+//! of a POST or PUT, or the query string of a GET. Nothing may answer 5xx, and every 4xx is the
+//! JSON error envelope with a stable code (`check_reply`). Seeds (`fuzz/seeds/http_body/`) are
+//! valid bodies behind their selector.
 #![no_main]
 
 use axum::body::Body;
 use libfuzzer_sys::fuzz_target;
-use orch_fuzz::site::{check_reply, site};
+use orch_fuzz::site::check_reply;
+use orch_fuzz::{holds, site};
 
 /// Endpoints that take a JSON body; the same lists as `tests/tests/http_fuzz.rs`.
 const BODIES: [(&str, &str); 21] = [
@@ -62,5 +64,5 @@ fuzz_target!(|data: &[u8]| {
         (format!("GET {uri}"), site.request("GET", &uri).body(Body::empty()))
     };
     let Ok(req) = req else { return };
-    check_reply(&what, &site.send(req));
+    holds(check_reply(&what, &site.send(req)));
 });

@@ -10,6 +10,9 @@ use jsonwebtoken::{decode, decode_header, Algorithm, AlgorithmFamily, DecodingKe
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+#[doc(hidden)]
+pub mod testing;
+
 /// The `[jwt]` settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -313,26 +316,10 @@ mod tests {
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::json;
 
+    use super::testing::{fixture, jwks, now_s as now, settings, verifier, TestKey};
     use super::*;
 
-    const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/jwt");
     const ED: &str = "orch-test-ed25519";
-
-    fn settings() -> JwtSettings {
-        JwtSettings { issuer: "https://authority.test".into(), audience: "orchd".into(), ..JwtSettings::default() }
-    }
-
-    fn jwks() -> String {
-        std::fs::read_to_string(format!("{DIR}/jwks.json")).unwrap()
-    }
-
-    fn verifier() -> JwtVerifier {
-        JwtVerifier::from_jwks(&jwks(), &settings()).unwrap()
-    }
-
-    fn now() -> i64 {
-        jsonwebtoken::get_current_timestamp() as i64
-    }
 
     fn claims() -> Value {
         json!({"sub": "svc", "tenant": "acme", "iss": "https://authority.test", "aud": ["orchd", "other"],
@@ -346,7 +333,7 @@ mod tests {
     }
 
     fn sign(pem: &str, alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
-        let bytes = std::fs::read(format!("{DIR}/{pem}")).unwrap();
+        let bytes = std::fs::read(fixture(pem)).unwrap();
         let key = match alg {
             Algorithm::EdDSA => EncodingKey::from_ed_pem(&bytes).unwrap(),
             _ => EncodingKey::from_rsa_pem(&bytes).unwrap(),
@@ -355,7 +342,7 @@ mod tests {
     }
 
     fn ed(claims: &Value) -> String {
-        sign("ed25519.pem", Algorithm::EdDSA, Some(ED), claims)
+        TestKey::Ed25519.sign(claims)
     }
 
     fn refused(token: &str) -> JwtError {
@@ -463,7 +450,7 @@ mod tests {
     #[test]
     fn from_settings_reads_the_file_or_gives_none() {
         assert!(JwtVerifier::from_settings(&JwtSettings::default()).unwrap().is_none());
-        let file = JwtSettings { jwks_file: Some(format!("{DIR}/jwks.json").into()), ..settings() };
+        let file = JwtSettings { jwks_file: Some(fixture("jwks.json")), ..settings() };
         assert_eq!(JwtVerifier::from_settings(&file).unwrap().unwrap().key_count(), 2);
         let missing = JwtSettings { jwks_file: Some("/nonexistent/jwks.json".into()), ..settings() };
         let err = JwtVerifier::from_settings(&missing).unwrap_err();
@@ -472,7 +459,7 @@ mod tests {
 
     #[test]
     fn empty_issuer_is_a_settings_error() {
-        let s = JwtSettings { jwks_file: Some(format!("{DIR}/jwks.json").into()), issuer: String::new(), ..settings() };
+        let s = JwtSettings { jwks_file: Some(fixture("jwks.json")), issuer: String::new(), ..settings() };
         assert!(matches!(JwtVerifier::from_settings(&s), Err(JwtError::Settings(m)) if m.contains("issuer")));
         assert!(matches!(JwtVerifier::from_jwks(&jwks(), &s), Err(JwtError::Settings(_))));
     }
@@ -490,6 +477,7 @@ mod tests {
         use proptest::prelude::*;
 
         use super::*;
+        use crate::jwt::testing::{contract_holds, token_error};
 
         /// Characters mutations draw from: the base64url alphabet, JWT and base64 punctuation,
         /// whitespace, a NUL and a non-ASCII letter.
@@ -506,65 +494,19 @@ mod tests {
         /// One valid token per key of the set, signed once (each valid for ten minutes).
         fn genuine() -> &'static [String; 2] {
             static T: OnceLock<[String; 2]> = OnceLock::new();
-            T.get_or_init(|| [ed(&claims()), sign("rsa.pem", Algorithm::RS256, Some("orch-test-rs256"), &claims())])
+            T.get_or_init(|| [TestKey::Ed25519.sign(&claims()), TestKey::Rsa.sign(&claims())])
         }
 
         fn b64(bytes: &[u8]) -> String {
             URL_SAFE_NO_PAD.encode(bytes)
         }
 
-        /// A token over raw header and payload bytes, really signed by the Ed25519 key of the set.
-        fn signed_raw(header: &[u8], payload: &[u8]) -> String {
-            let key = EncodingKey::from_ed_pem(&std::fs::read(format!("{DIR}/ed25519.pem")).unwrap()).unwrap();
-            let message = format!("{}.{}", b64(header), b64(payload));
-            let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::EdDSA).unwrap();
-            format!("{message}.{sig}")
-        }
-
-        /// Refusals of fuzzed tokens are token errors, which the API maps to 401.
-        fn token_error(e: &JwtError) -> Result<(), TestCaseError> {
-            prop_assert!(e.code().starts_with("token_"), "{e:?} has code {}", e.code());
-            Ok(())
-        }
-
         /// `verify` refuses `token` unless it is one of the genuine tokens.
         fn only_genuine_passes(token: &str) -> Result<(), TestCaseError> {
             match shared().verify(token) {
                 Ok(p) => prop_assert!(genuine().iter().any(|g| g == token), "accepted {token:?} as {p:?}"),
-                Err(e) => token_error(&e)?,
+                Err(e) => token_error(&e).map_err(TestCaseError::fail)?,
             }
-            Ok(())
-        }
-
-        /// What an accepted token's claims must say, by the module's contract: `sub` and the
-        /// tenant are non-empty strings, `iss` and `aud` name ours, `exp` has not passed and `nbf`
-        /// has, and the scopes are those of `scope` and `scp`.
-        fn contract_holds(c: &Value, p: &JwtPrincipal) -> Result<(), TestCaseError> {
-            let names = |v: &Value, want: &str| v == want || v.as_array().is_some_and(|a| a.iter().any(|x| x == want));
-            let (now, leeway) = (now(), settings().leeway_s as i64);
-            prop_assert!(c["sub"].as_str().is_some_and(|s| !s.is_empty() && s == p.subject), "sub of {c}");
-            prop_assert!(c["tenant"].as_str().is_some_and(|s| !s.is_empty() && s == p.tenant), "tenant of {c}");
-            prop_assert!(names(&c["iss"], "https://authority.test"), "iss of {c}");
-            prop_assert!(names(&c["aud"], "orchd"), "aud of {c}");
-            prop_assert!(c["exp"].as_i64().is_some_and(|e| e == p.expires_at && e >= now - leeway - 5), "exp of {c}");
-            prop_assert!(c["nbf"].is_null() || c["nbf"].as_f64().is_some_and(|n| n <= (now + leeway + 5) as f64));
-            let mut scopes: Vec<String> = Vec::new();
-            for name in ["scope", "scp"] {
-                match c.get(name) {
-                    None => {}
-                    Some(Value::String(s)) => scopes.extend(s.split_whitespace().map(str::to_string)),
-                    Some(Value::Array(items)) if name == "scp" => {
-                        for item in items {
-                            prop_assert!(item.is_string(), "scp item {} of {}", item, c);
-                            scopes.push(item.as_str().unwrap_or_default().to_string());
-                        }
-                    }
-                    Some(other) => prop_assert!(false, "{} {} of {}", name, other, c),
-                }
-            }
-            scopes.sort();
-            scopes.dedup();
-            prop_assert_eq!(&scopes, &p.scopes, "scopes of {}", c);
             Ok(())
         }
 
@@ -754,7 +696,7 @@ mod tests {
             #[test]
             fn arbitrary_strings_are_refused(s in prop_oneof![any::<String>(), "[A-Za-z0-9_.=+/ -]{0,120}"]) {
                 let e = shared().verify(&s).expect_err("a random string is not a signed token");
-                token_error(&e)?;
+                token_error(&e).map_err(TestCaseError::fail)?;
             }
 
             #[test]
@@ -771,24 +713,25 @@ mod tests {
                 let head = header.map_or_else(|| b64(&parts[0]), |h| b64(h.as_bytes()));
                 let token = format!("{head}.{}.{}", b64(&parts[1]), b64(&parts[2]));
                 let e = shared().verify(&token).expect_err("nobody signed these segments");
-                token_error(&e)?;
+                token_error(&e).map_err(TestCaseError::fail)?;
             }
 
             #[test]
             fn signed_garbage_claims_are_refused_unless_they_keep_the_contract(
                 payload in prop_oneof![4 => claims_text(), 1 => prop::collection::vec(any::<u8>(), 0..64)],
             ) {
-                match shared().verify(&signed_raw(ED_HEADER.as_bytes(), &payload)) {
-                    Ok(p) => contract_holds(&serde_json::from_slice(&payload).unwrap(), &p)?,
-                    Err(e) => token_error(&e)?,
-                }
+                let verdict = match shared().verify(&TestKey::Ed25519.sign_payload(&payload)) {
+                    Ok(p) => contract_holds(&serde_json::from_slice(&payload).unwrap(), &p),
+                    Err(e) => token_error(&e),
+                };
+                verdict.map_err(TestCaseError::fail)?;
             }
 
             #[test]
             fn signed_valid_claims_are_accepted(c in valid_claims()) {
                 let p = shared().verify(&ed(&c));
                 prop_assert!(p.is_ok(), "{c} refused: {p:?}");
-                contract_holds(&c, &p.unwrap())?;
+                contract_holds(&c, &p.unwrap()).map_err(TestCaseError::fail)?;
             }
 
             #[test]

@@ -1,5 +1,8 @@
 //! Helpers for the end-to-end tests: find the workspace's binaries, start `orchd` on a free
-//! loopback port and stop it (gracefully or with SIGKILL).
+//! loopback port and stop it (gracefully or with SIGKILL); and the test oracles the fuzz targets
+//! share ([`oracle`]).
+
+pub mod oracle;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -7,15 +7,14 @@
 //! chain and replay checks can notice. `orch_verify::verify` must never panic, and passes only
 //! an archive that holds the genuine export: byte for byte, or (re-signed by the trusted key,
 //! which vouches for any bytes) the same history, base and jobs and the same sequence range,
-//! tenant and chains.
-
-use std::collections::BTreeMap;
+//! tenant and chains. That promise is `orch_e2e::oracle::bundle::check_verdict`, which the fuzz
+//! targets `bundle_verify` and `bundle_mutate` hold the verifier to as well.
 
 use orch_core::bundle::{self, Manifest};
-use orch_core::{Event, Job};
-use orch_e2e::ledger::{bundle, key, root, workload, T0};
+use orch_e2e::ledger::{bundle, key, root, workload};
+use orch_e2e::oracle::bundle::{check_verdict, tar_header as header, Genuine};
 use orch_store::Scope;
-use orch_verify::{verify, Report, VerifyOptions};
+use orch_verify::{verify, VerifyOptions};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
@@ -74,55 +73,15 @@ impl Entry {
     }
 }
 
-/// The genuine export, its entries in archive order, and what its files hold once parsed.
-struct Genuine {
-    entries: Vec<Entry>,
-    history: Vec<Event>,
-    base: Vec<Job>,
-    jobs: Vec<Job>,
-    manifest: Manifest,
-}
-
+/// The genuine export: the test workload, signed by key 2.
 fn genuine() -> &'static Genuine {
     static G: std::sync::OnceLock<Genuine> = std::sync::OnceLock::new();
     G.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("ledger.db");
         workload(&db);
-        let bytes = bundle(&db, &[key(2)], Scope::All, 1, None);
-        assert!(verify(&bytes, &opts()).ok, "the genuine export verifies");
-        let files = orch_verify::archive::read(&bytes).unwrap().files;
-        // In the exporter's order: by name.
-        let entries: Vec<Entry> = files
-            .iter()
-            .map(|(n, c)| Entry { name: n.as_bytes().to_vec(), kind: Kind::File, content: c.clone() })
-            .collect();
-        assert_eq!(entries.len(), bundle::ALL_FILES.len());
-        let ledger = Ledger::parse(&files).unwrap();
-        let manifest = serde_json::from_slice(&files[bundle::MANIFEST]).unwrap();
-        Genuine { entries, history: ledger.history, base: ledger.base, jobs: ledger.jobs, manifest }
+        Genuine::new(bundle(&db, &[key(2)], Scope::All, 1, None), &opts(), &key(2))
     })
-}
-
-/// The parsed ledger content of a bundle.
-struct Ledger {
-    history: Vec<Event>,
-    base: Vec<Job>,
-    jobs: Vec<Job>,
-}
-
-impl Ledger {
-    fn parse(files: &BTreeMap<String, Vec<u8>>) -> Option<Ledger> {
-        fn lines<T>(content: &[u8], parse: impl Fn(&str) -> Option<T>) -> Option<Vec<T>> {
-            std::str::from_utf8(content).ok()?.lines().map(parse).collect()
-        }
-        let job = |l: &str| serde_json::from_str::<Job>(l).ok();
-        Some(Ledger {
-            history: lines(files.get(bundle::HISTORY)?, |l| Event::from_line(l).ok())?,
-            base: lines(files.get(bundle::BASE)?, job)?,
-            jobs: lines(files.get(bundle::JOBS)?, job)?,
-        })
-    }
 }
 
 // ---- What the fuzzer does to a genuine export ------------------------------------------------
@@ -383,7 +342,7 @@ fn resolve(line: &Line) -> Vec<u8> {
     match line {
         Line::CopyOf(f, l) => {
             let g = &genuine().entries;
-            let lines: Vec<&[u8]> = g[f.of(g.len())].content.split(|&b| b == b'\n').collect();
+            let lines: Vec<&[u8]> = g[f.of(g.len())].1.split(|&b| b == b'\n').collect();
             lines[l.of(lines.len())].to_vec()
         }
         Line::Json(v) => orch_core::canonical::value_to_vec(v),
@@ -465,7 +424,12 @@ fn set_field(doc: &mut Value, k: At, inner: Option<At>, v: Option<Value>) {
 }
 
 fn apply(ops: &[Op]) -> Vec<Entry> {
-    let mut entries = genuine().entries.clone();
+    // In archive order, as exported.
+    let mut entries: Vec<Entry> = genuine()
+        .entries
+        .iter()
+        .map(|(n, c)| Entry { name: n.as_bytes().to_vec(), kind: Kind::File, content: c.clone() })
+        .collect();
     for op in ops {
         let n = entries.len();
         let pick = |i: &At| (n > 0).then(|| i.of(n));
@@ -522,54 +486,15 @@ fn apply(ops: &[Op]) -> Vec<Entry> {
 }
 
 /// Brings the manifest up to date with the (last copy of each) data file, the way an exporter
-/// would, and signs it with `signer`. Archives without a readable manifest are left alone.
+/// would, and signs it with `signer` (`orch_e2e::oracle::bundle::reseal`).
 fn reseal(entries: &mut [Entry], signer: u8) {
-    let content = |entries: &[Entry], name: &str| {
-        entries.iter().rev().find(|e| e.effective_name() == name.as_bytes()).map(|e| e.content.clone())
-    };
-    let Some(mut m) = content(entries, bundle::MANIFEST).and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
-    else {
-        return;
-    };
-    for name in bundle::DATA_FILES {
-        if let (Some(c), Some(e)) = (content(entries, name), m.files.get_mut(name)) {
-            e.sha256 = orch_core::hash::sha256_hex(&c);
-            e.size = c.len() as u64;
-            e.lines = c.iter().filter(|&&b| b == b'\n').count() as u64;
-        }
-    }
-    let history = content(entries, bundle::HISTORY).unwrap_or_default();
-    let leaves: Vec<_> =
-        history.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(orch_core::merkle::leaf_hash).collect();
-    m.merkle.root = hex::encode(orch_core::merkle::root(&leaves));
-    m.merkle.leaves = leaves.len() as u64;
-    let manifest = orch_core::canonical::to_vec(&m).unwrap();
-    let sums = bundle::sha256sums(bundle::DATA_FILES.iter().filter_map(|n| m.files.get(*n).map(|e| (*n, e))));
-    let envelope = orch_bundle::keys::sign_manifest(&manifest, &[key(signer)]);
-    for e in entries.iter_mut() {
-        match std::str::from_utf8(e.effective_name()) {
-            Ok(bundle::MANIFEST) => e.content = manifest.clone(),
-            Ok(bundle::MANIFEST_DSSE) => e.content = envelope.clone(),
-            Ok(bundle::SHA256SUMS) => e.content = sums.clone().into_bytes(),
-            _ => {}
-        }
-    }
+    let entries = entries.iter_mut().map(|e| (e.effective_name().to_vec(), &mut e.content));
+    orch_e2e::oracle::bundle::reseal(entries, &key(signer));
 }
 
 /// Writes the entries as a ustar archive (GNU long names and PAX records where asked) in a
 /// zstd frame; unlike `orch_bundle`'s writer it takes any name.
 fn pack(entries: &[Entry]) -> Vec<u8> {
-    fn header(name: &[u8], kind: tar::EntryType, size: usize) -> tar::Header {
-        let mut h = tar::Header::new_ustar();
-        let n = name.len().min(100);
-        h.as_mut_bytes()[..n].copy_from_slice(&name[..n]);
-        h.set_size(size as u64);
-        h.set_mode(0o644);
-        h.set_mtime(T0.as_millis() as u64 / 1000);
-        h.set_entry_type(kind);
-        h.set_cksum();
-        h
-    }
     let mut tar = tar::Builder::new(Vec::new());
     for e in entries {
         let mut name = e.name.as_slice();
@@ -607,74 +532,14 @@ fn pack(entries: &[Entry]) -> Vec<u8> {
     zstd::encode_all(tar.into_inner().unwrap().as_slice(), 3).unwrap()
 }
 
-fn build(case: &Case) -> (Vec<Entry>, Vec<u8>) {
+fn build(case: &Case) -> Vec<u8> {
     let mut entries = apply(&case.ops);
     match case.seal {
         Seal::AsIs => {}
         Seal::Untrusted => reseal(&mut entries, 3),
         Seal::Trusted => reseal(&mut entries, 2),
     }
-    let bytes = pack(&entries);
-    (entries, bytes)
-}
-
-// ---- What a passing verdict promises ---------------------------------------------------------
-
-/// Checks the verdict on an archive made of `entries` sealed by `seal`: the report is coherent,
-/// and a pass means the archive holds the genuine export.
-fn check_verdict(entries: &[Entry], seal: Seal, report: &Report) -> Result<(), TestCaseError> {
-    prop_assert_eq!(report.ok, report.failures.is_empty(), "{:?}", report);
-    if !report.ok {
-        return Ok(());
-    }
-    let g = genuine();
-    let summary = report.summary.as_ref().expect("a passing report has a summary");
-    prop_assert_eq!(summary.root_version, 1, "no carried root of this fuzzer may be trusted");
-    prop_assert_eq!(&summary.signed_by, &vec![key(2).key_id()]);
-    // Carried roots aside, exactly the seven regular files, each once.
-    let data: Vec<&Entry> = entries
-        .iter()
-        .filter(|e| std::str::from_utf8(e.effective_name()).map_or(true, |n| bundle::carried_root_version(n).is_none()))
-        .collect();
-    let mut names: Vec<&[u8]> = data.iter().map(|e| e.effective_name()).collect();
-    names.sort();
-    let expected: Vec<&[u8]> = g.entries.iter().map(|e| e.name.as_slice()).collect();
-    prop_assert_eq!(names, expected, "passed with other entries");
-    prop_assert!(data.iter().all(|e| e.kind == Kind::File || e.kind == Kind::PaxNamed), "passed a non-regular entry");
-    let files: BTreeMap<String, Vec<u8>> =
-        data.iter().map(|e| (String::from_utf8(e.effective_name().to_vec()).unwrap(), e.content.clone())).collect();
-    if seal != Seal::Trusted {
-        for want in &g.entries {
-            let name = std::str::from_utf8(&want.name).unwrap();
-            if name == bundle::MANIFEST_DSSE {
-                // A DSSE envelope is not itself signed (its payload, manifest.json, is): the same
-                // JSON written with other white space or member order is the same envelope.
-                let json = |b: &[u8]| serde_json::from_slice::<Value>(b).ok();
-                prop_assert!(json(&files[name]) == json(&want.content), "passed with another envelope");
-            } else {
-                prop_assert!(files[name] == want.content, "passed with a changed {}", name);
-            }
-        }
-        return Ok(());
-    }
-    // Re-signed by the trusted key: the signer vouches for the bytes, but not for a ledger that
-    // does not hold together. It must be the genuine one.
-    let ledger = Ledger::parse(&files);
-    prop_assert!(ledger.is_some(), "passed with unparsable ledger files");
-    let ledger = ledger.unwrap();
-    prop_assert!(ledger.history == g.history, "passed with another history");
-    prop_assert!(ledger.base == g.base, "passed with another base");
-    prop_assert!(ledger.jobs == g.jobs, "passed with other jobs");
-    let m: Manifest = serde_json::from_slice(&files[bundle::MANIFEST]).unwrap();
-    prop_assert_eq!(
-        (&m.tenant, m.from_seq, m.to_seq, &m.chains),
-        (&g.manifest.tenant, g.manifest.from_seq, g.manifest.to_seq, &g.manifest.chains),
-        "passed with another range, tenant or chains"
-    );
-    // The signer may vouch for another instant, but not for one before the last event.
-    let last = g.history.last().map(|e| e.at).unwrap();
-    prop_assert!(m.time_anchor.at >= last, "passed with anchor {} before the last event ({})", m.time_anchor.at, last);
-    Ok(())
+    pack(&entries)
 }
 
 proptest! {
@@ -682,8 +547,9 @@ proptest! {
 
     #[test]
     fn fuzzed_archives_never_panic_the_verifier_and_pass_only_the_genuine_export(c in case()) {
-        let (entries, bytes) = build(&c);
-        check_verdict(&entries, c.seal, &verify(&bytes, &opts()))?;
+        let bytes = build(&c);
+        let report = verify(&bytes, &opts());
+        check_verdict(genuine(), &bytes, &report, c.seal == Seal::Trusted).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -692,18 +558,17 @@ proptest! {
 #[test]
 fn the_fuzzer_itself_sees_passes_and_refusals() {
     for seal in [Seal::AsIs, Seal::Untrusted, Seal::Trusted] {
-        let (entries, bytes) = build(&Case { ops: Vec::new(), seal });
+        let bytes = build(&Case { ops: Vec::new(), seal });
         let report = verify(&bytes, &opts());
         assert_eq!(report.ok, seal != Seal::Untrusted, "{seal:?}: {:?}", report.failures);
-        check_verdict(&entries, seal, &report).unwrap();
+        check_verdict(genuine(), &bytes, &report, seal == Seal::Trusted).unwrap();
     }
     // Job 2's attempt, re-signed: only replay can notice.
-    let jobs = genuine().entries.iter().find(|e| e.name == bundle::JOBS.as_bytes()).unwrap();
-    let line = jobs.content.split(|&b| b == b'\n').nth(1).unwrap();
+    let line = genuine().files[bundle::JOBS].split(|&b| b == b'\n').nth(1).unwrap();
     let job: serde_json::Map<String, Value> = serde_json::from_slice(line).unwrap();
     let attempt = At(job.keys().position(|k| k == "attempt").unwrap());
     let edit = LineEdit::SetField(At(1), attempt, None, Some(json!(7)));
-    let (_, bytes) = build(&Case { ops: vec![Op::Lines(bundle::JOBS, edit)], seal: Seal::Trusted });
+    let bytes = build(&Case { ops: vec![Op::Lines(bundle::JOBS, edit)], seal: Seal::Trusted });
     let report = verify(&bytes, &opts());
     assert!(report.failures.iter().any(|f| f.check == "replay" && f.entry == "job 2"), "{:?}", report.failures);
 }
@@ -713,7 +578,7 @@ fn the_fuzzer_itself_sees_passes_and_refusals() {
 #[test]
 fn a_blank_history_line_is_refused_even_when_signed() {
     let blank = Op::Lines(bundle::HISTORY, LineEdit::Insert(At(0), Line::Raw(Vec::new())));
-    let (_, bytes) = build(&Case { ops: vec![blank], seal: Seal::Trusted });
+    let bytes = build(&Case { ops: vec![blank], seal: Seal::Trusted });
     let report = verify(&bytes, &opts());
     assert!(report.failures.iter().any(|f| f.check == "chain" && f.entry == "history.jsonl:1"), "{:?}", report);
 }
@@ -748,12 +613,12 @@ fn a_huge_declared_entry_size_is_refused_not_an_abort() {
 /// code follows it.
 #[test]
 fn the_binary_reports_what_the_library_does() {
-    let history = genuine().entries.iter().position(|e| e.name == bundle::HISTORY.as_bytes()).unwrap();
+    let history = genuine().entries.iter().position(|(name, _)| name == bundle::HISTORY).unwrap();
     let case = Case {
         ops: vec![Op::Repeat(At(history)), Op::Add(b"../evil".to_vec(), Kind::File, Line::Raw(b"x".to_vec()))],
         seal: Seal::Trusted,
     };
-    let (_, bytes) = build(&case);
+    let bytes = build(&case);
     let dir = tempfile::tempdir().unwrap();
     let (file, root_file) = (dir.path().join("b.tar.zst"), dir.path().join("root.json"));
     std::fs::write(&file, &bytes).unwrap();

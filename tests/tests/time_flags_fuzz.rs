@@ -2,28 +2,15 @@
 //! `--now` (RFC 3339) and `--max-age` (a humantime duration such as `30d`), against the golden
 //! bundle. The binary never panics; text it cannot read is a usage error (exit 2, one line on
 //! stderr); otherwise the bundle is stale (exit 1, `FAIL anchor`) exactly when `now` is more
-//! than the allowed age past its anchor, computed here in nanoseconds without overflow.
+//! than the allowed age past its anchor, computed in nanoseconds without overflow
+//! (`orch_e2e::oracle::time_flags`, which the fuzz target `duration` holds the library to too).
 
 use std::path::{Path, PathBuf};
 
 use orch_core::Timestamp;
+use orch_e2e::oracle::time_flags::{age_ns, is_stale, UNITS};
 use orch_e2e::run;
 use proptest::prelude::*;
-
-/// humantime's units and their length in nanoseconds (a month is 30.44 days, a year 365.25).
-const UNITS: [(&str, u128); 10] = [
-    ("ns", 1),
-    ("us", 1_000),
-    ("ms", 1_000_000),
-    ("s", SECOND),
-    ("m", 60 * SECOND),
-    ("h", 3_600 * SECOND),
-    ("d", 86_400 * SECOND),
-    ("w", 604_800 * SECOND),
-    ("M", 2_630_016 * SECOND),
-    ("y", 31_557_600 * SECOND),
-];
-const SECOND: u128 = 1_000_000_000;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bundles")
@@ -66,12 +53,8 @@ fn garbage() -> impl Strategy<Value = String> {
 fn max_age() -> impl Strategy<Value = Flag<Option<u128>>> {
     let count = (0u32..=64, any::<u64>()).prop_map(|(bits, r)| r.checked_shr(64 - bits).unwrap_or(0));
     prop_oneof![
-        4 => (count, prop::sample::select(UNITS.to_vec())).prop_map(|(n, (unit, ns))| {
-            let total = n as u128 * ns;
-            // humantime counts units below a second in u64 nanoseconds, the others in u64 seconds.
-            let fits = if ns < SECOND { total <= u64::MAX as u128 } else { total / SECOND <= u64::MAX as u128 };
-            Flag::Meaning(format!("{n}{unit}"), fits.then_some(total))
-        }),
+        4 => (count, prop::sample::select(UNITS.to_vec()))
+            .prop_map(|(n, (unit, ns))| Flag::Meaning(format!("{n}{unit}"), age_ns(u128::from(n), ns))),
         1 => garbage().prop_map(Flag::Garbage),
     ]
 }
@@ -106,8 +89,7 @@ proptest! {
         let (code, out, err) = run("orch-verify", &args.iter().map(String::as_str).collect::<Vec<_>>());
         match (&now, &max_age) {
             (Flag::Meaning(_, now), Flag::Meaning(_, Some(max_ns))) => {
-                let age_ms = now.as_millis() as i128 - anchor().as_millis() as i128;
-                let stale = age_ms > (max_ns / 1_000_000) as i128;
+                let stale = is_stale(*now, anchor(), max_ns / 1_000_000);
                 prop_assert_eq!(code, if stale { 1 } else { 0 }, "{:?} {:?}: {}{}", now, max_age, out, err);
                 prop_assert_eq!(out.contains("FAIL anchor"), stale, "{}", out);
             }
