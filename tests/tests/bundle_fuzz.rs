@@ -583,6 +583,48 @@ fn a_blank_history_line_is_refused_even_when_signed() {
     assert!(report.failures.iter().any(|f| f.check == "chain" && f.entry == "history.jsonl:1"), "{:?}", report);
 }
 
+/// Found by the `bundle_mutate` fuzz target: a bit flipped in the signature's `keyid` passed, and
+/// the oracle called it another envelope. The verdict was right: a `keyid` is a hint, and a
+/// signature that counts for no key of the role is ignored (`orch_core::trust`); the envelope is
+/// not itself signed. The oracle now excuses exactly those two things, and nothing else.
+#[test]
+fn an_envelope_is_free_in_its_hints_only() {
+    type EnvelopeEdit<'a> = (&'a str, &'a dyn Fn(&mut Value));
+    let with_envelope = |edit: &dyn Fn(&mut Value)| {
+        let mut entries = apply(&[]);
+        let env = entries.iter_mut().find(|e| e.name == bundle::MANIFEST_DSSE.as_bytes()).unwrap();
+        let mut v: Value = serde_json::from_slice(&env.content).unwrap();
+        edit(&mut v);
+        env.content = serde_json::to_vec(&v).unwrap();
+        pack(&entries)
+    };
+    let manifest = &genuine().files[bundle::MANIFEST];
+    let outsider: Value = serde_json::from_slice(&orch_bundle::keys::sign_manifest(manifest, &[key(3)])).unwrap();
+    let outsider = outsider["signatures"][0].clone();
+    let free: [EnvelopeEdit<'_>; 3] = [
+        ("another keyid", &|v| v["signatures"][0]["keyid"] = json!("not-a-key")),
+        ("the outsider's keyid", &|v| v["signatures"][0]["keyid"] = outsider["keyid"].clone()),
+        ("an outsider's signature too", &|v| v["signatures"].as_array_mut().unwrap().push(outsider.clone())),
+    ];
+    for (what, edit) in free {
+        let bytes = with_envelope(edit);
+        let report = verify(&bytes, &opts());
+        assert!(report.ok, "{what}: {:?}", report.failures);
+        check_verdict(genuine(), &bytes, &report, false).unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    let bound: [EnvelopeEdit<'_>; 3] = [
+        ("another payload type", &|v| v["payloadType"] = json!("application/json")),
+        ("only the outsider's signature", &|v| v["signatures"] = json!([outsider.clone()])),
+        ("an unknown member", &|v| v["note"] = json!("x")),
+    ];
+    for (what, edit) in bound {
+        let bytes = with_envelope(edit);
+        let report = verify(&bytes, &opts());
+        assert!(!report.ok, "{what} passed");
+        check_verdict(genuine(), &bytes, &report, false).unwrap();
+    }
+}
+
 /// Found while fuzzing: the reader reserved an entry's declared size up front, so a 1.5 KiB
 /// archive whose header claims a 1 TiB `jobs.jsonl` aborted `orch-verify` (and an `orchd`
 /// importing it) on a failed allocation. It is an unreadable archive.

@@ -111,7 +111,8 @@ impl Genuine {
 /// archive holds the genuine export `g`. `resigned` says whether the trusted key may have signed
 /// another manifest (the archive was re-sealed with it, or comes from anywhere): then a pass
 /// with another manifest needs the genuine ledger, range, tenant and chains; otherwise, and
-/// whenever the manifest is the genuine one, every file must be the genuine one.
+/// whenever the manifest is the genuine one, every file must be the genuine one (the DSSE
+/// envelope up to what it leaves unsigned: see below).
 pub fn check_verdict(g: &Genuine, bytes: &[u8], report: &Report, resigned: bool) -> Result<(), String> {
     ensure!(report.ok == report.failures.is_empty(), "ok and failures disagree: {report:?}");
     if !report.ok {
@@ -137,10 +138,25 @@ pub fn check_verdict(g: &Genuine, bytes: &[u8], report: &Report, resigned: bool)
         // Signed as exported, or the genuine manifest: every file must be the genuine one.
         for (name, want) in &g.files {
             if name == bundle::MANIFEST_DSSE {
-                // A DSSE envelope is not itself signed (its payload, manifest.json, is): the same
-                // JSON written with other white space or member order is the same envelope.
-                let json = |b: &[u8]| serde_json::from_slice::<Value>(b).ok();
-                ensure!(json(&files[name]) == json(want), "passed with another envelope");
+                // A DSSE envelope is not itself signed; its payload, manifest.json, is. So its
+                // white space and member order are free, and so are its signatures' `keyid`s and
+                // signatures other than the genuine ones: the trust rule takes a `keyid` as a hint
+                // and ignores a signature that counts for no key of the role (which keys counted
+                // is `signed_by`, checked above). Everything else must be the genuine envelope.
+                let genuine_sigs = |v: &Value| -> Vec<Value> {
+                    v["signatures"].as_array().into_iter().flatten().map(|s| s["sig"].clone()).collect()
+                };
+                let want = serde_json::from_slice::<Value>(want).expect("the genuine envelope is JSON");
+                let sigs = genuine_sigs(&want);
+                let normal = |mut v: Value| {
+                    if let Some(list) = v.get_mut("signatures").and_then(Value::as_array_mut) {
+                        list.retain(|s| sigs.contains(&s["sig"]));
+                        list.iter_mut().filter_map(Value::as_object_mut).for_each(|s| drop(s.remove("keyid")));
+                    }
+                    v
+                };
+                let got = serde_json::from_slice::<Value>(&files[name]).ok().map(normal);
+                ensure!(got == Some(normal(want.clone())), "passed with another envelope");
             } else {
                 ensure!(files[name] == *want, "passed with a changed {name}");
             }
