@@ -320,6 +320,7 @@ fn main() -> anyhow::Result<()> {
     let all = cli.only.is_empty();
     let ledger = all || cli.only.contains(&Group::Ledger);
     let bundles = all || cli.only.contains(&Group::Bundles);
+    let http = !cli.no_http && (all || cli.only.contains(&Group::Http));
     if let Some(path) = &cli.bundle {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let entries = orch_verify::archive::read(&bytes).map_err(anyhow::Error::msg)?;
@@ -435,7 +436,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
 
-        if !cli.no_http && (all || cli.only.contains(&Group::Http)) {
+        if http {
             let d = http::Daemon::start(dir.path(), 100_000_000)?;
             std::thread::sleep(std::time::Duration::from_millis(500));
             row("orchd RSS idle, MB", 0, d.rss()? as f64 / 1e6, "MB", None);

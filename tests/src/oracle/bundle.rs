@@ -143,11 +143,9 @@ pub fn check_verdict(g: &Genuine, bytes: &[u8], report: &Report, resigned: bool)
                 // signatures other than the genuine ones: the trust rule takes a `keyid` as a hint
                 // and ignores a signature that counts for no key of the role (which keys counted
                 // is `signed_by`, checked above). Everything else must be the genuine envelope.
-                let genuine_sigs = |v: &Value| -> Vec<Value> {
-                    v["signatures"].as_array().into_iter().flatten().map(|s| s["sig"].clone()).collect()
-                };
                 let want = serde_json::from_slice::<Value>(want).expect("the genuine envelope is JSON");
-                let sigs = genuine_sigs(&want);
+                let sigs: Vec<Value> =
+                    want["signatures"].as_array().into_iter().flatten().map(|s| s["sig"].clone()).collect();
                 let normal = |mut v: Value| {
                     if let Some(list) = v.get_mut("signatures").and_then(Value::as_array_mut) {
                         list.retain(|s| sigs.contains(&s["sig"]));
@@ -155,8 +153,8 @@ pub fn check_verdict(g: &Genuine, bytes: &[u8], report: &Report, resigned: bool)
                     }
                     v
                 };
-                let got = serde_json::from_slice::<Value>(&files[name]).ok().map(normal);
-                ensure!(got == Some(normal(want.clone())), "passed with another envelope");
+                let got = serde_json::from_slice::<Value>(&files[name]).ok().map(&normal);
+                ensure!(got == Some(normal(want)), "passed with another envelope");
             } else {
                 ensure!(files[name] == *want, "passed with a changed {name}");
             }
