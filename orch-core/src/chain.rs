@@ -2,10 +2,17 @@
 //! numbers, and that replaying it reproduces a given set of jobs.
 //!
 //! One mechanism for the daemon's `orchd check`, the bundle verifier and the importer.
+//!
+//! Reading a line and checking its own hash needs no other event, so [`read_events`] does that
+//! part for many lines at once, on the machine's cores, and hands the events back in order to a
+//! [`ChainVerifier`], which checks what does depend on order. The verdict is the same as reading
+//! the lines one by one.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::sync::mpsc;
 
-use crate::event::Event;
+use crate::event::{Event, EventError};
 use crate::hash::GENESIS_HASH;
 use crate::job::{Job, JobId};
 use crate::machine::{replay_one, ReplayError};
@@ -69,12 +76,25 @@ impl ChainVerifier {
 
     /// Checks and applies the next event.
     pub fn push(&mut self, ev: &Event) -> Result<(), ChainError> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let pushed = self.push_checking(ev, |ev| ev.hash_is_valid_with(&mut scratch));
+        self.scratch = scratch;
+        pushed
+    }
+
+    /// [`push`](Self::push) for an event whose own hash was checked when it was read.
+    pub fn push_read(&mut self, ev: &ReadEvent) -> Result<(), ChainError> {
+        self.push_checking(&ev.event, |_| ev.hash_valid)
+    }
+
+    /// The checks in their order, with the event's own hash checked by `hash_valid`.
+    fn push_checking(&mut self, ev: &Event, hash_valid: impl FnOnce(&Event) -> bool) -> Result<(), ChainError> {
         let expected = self.last_seq.map_or(1, |s| s + 1);
         let seq_ok = if self.contiguous { ev.seq == expected } else { ev.seq >= expected };
         if !seq_ok {
             return Err(ChainError::BadSequence { seq: ev.seq, expected });
         }
-        if !ev.hash_is_valid_with(&mut self.scratch) {
+        if !hash_valid(ev) {
             return Err(ChainError::BadHash { seq: ev.seq });
         }
         let head = self.heads.get(&ev.tenant).map_or(GENESIS_HASH, String::as_str);
@@ -120,6 +140,112 @@ impl ChainVerifier {
     }
 }
 
+/// An event read from its line, with whether its hash matches its content.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadEvent {
+    /// The event.
+    pub event: Event,
+    hash_valid: bool,
+}
+
+impl ReadEvent {
+    /// Reads a line of `history.jsonl` (without its newline) and checks the event's own hash,
+    /// encoding it in `scratch`.
+    pub fn read(line: &[u8], scratch: &mut Vec<u8>) -> Result<ReadEvent, EventError> {
+        let event = Event::from_line(std::str::from_utf8(line)?)?;
+        let hash_valid = event.hash_is_valid_with(scratch);
+        Ok(ReadEvent { event, hash_valid })
+    }
+
+    /// Whether the event's hash matches its content.
+    pub fn hash_is_valid(&self) -> bool {
+        self.hash_valid
+    }
+}
+
+/// Lines handed to a reader thread at a time: enough to make a hand-over rare, few enough that
+/// the events waiting to be checked stay small.
+const CHUNK: usize = 256;
+
+/// Reads `lines` as [`ReadEvent`]s and calls `each` with each result, in the order of the lines,
+/// until it returns [`ControlFlow::Break`] or the lines end. `readers` threads read (see
+/// [`readers`]); with fewer than two, the calling thread reads them itself. `each` runs on the
+/// calling thread.
+pub fn read_events<'a>(
+    lines: impl Iterator<Item = &'a [u8]>,
+    readers: usize,
+    mut each: impl FnMut(Result<ReadEvent, EventError>) -> ControlFlow<()>,
+) {
+    if readers < 2 {
+        let mut scratch = Vec::new();
+        for line in lines {
+            if each(ReadEvent::read(line, &mut scratch)).is_break() {
+                return;
+            }
+        }
+        return;
+    }
+    type Chunk<'a> = Vec<&'a [u8]>;
+    type Read = Vec<Result<ReadEvent, EventError>>;
+    let mut lines = lines.peekable();
+    let mut next_chunk = move || {
+        lines.peek()?;
+        Some(lines.by_ref().take(CHUNK).collect::<Chunk<'a>>())
+    };
+    std::thread::scope(|s| {
+        // Chunk n goes to reader n % readers and comes back from it in the order sent, so taking
+        // one result from each reader in turn keeps the order of the lines. Each reader holds at
+        // most two chunks ahead of the one taken.
+        let mut to_readers = Vec::with_capacity(readers);
+        let mut from_readers = Vec::with_capacity(readers);
+        for _ in 0..readers {
+            let (to, from_main) = mpsc::sync_channel::<Chunk<'a>>(2);
+            let (to_main, from) = mpsc::sync_channel::<Read>(2);
+            s.spawn(move || {
+                let mut scratch = Vec::new();
+                for chunk in from_main {
+                    let read = chunk.iter().map(|l| ReadEvent::read(l, &mut scratch)).collect();
+                    if to_main.send(read).is_err() {
+                        return;
+                    }
+                }
+            });
+            to_readers.push(to);
+            from_readers.push(from);
+        }
+        let mut sent = 0usize;
+        for _ in 0..2 * readers {
+            match next_chunk() {
+                Some(chunk) => {
+                    to_readers[sent % readers].send(chunk).expect("readers wait for their chunks");
+                    sent += 1;
+                }
+                None => break,
+            }
+        }
+        let mut taken = 0usize;
+        while taken < sent {
+            let read = from_readers[taken % readers].recv().expect("a reader thread panicked");
+            taken += 1;
+            if let Some(chunk) = next_chunk() {
+                to_readers[sent % readers].send(chunk).expect("readers wait for their chunks");
+                sent += 1;
+            }
+            for r in read {
+                if each(r).is_break() {
+                    // Dropping the channels stops the readers.
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// How many threads [`read_events`] should use on this machine: one per core, at most four.
+pub fn readers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
+}
+
 /// The first difference between replayed jobs and stored ones (given in ascending id order), if
 /// any: a job that differs, or one that only one side has.
 pub fn first_job_difference<'a>(
@@ -149,4 +275,107 @@ pub struct JobDifference {
     pub replayed: Option<Job>,
     /// What was stored.
     pub stored: Option<Job>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventDraft, EventKind};
+    use crate::Timestamp;
+
+    /// `n` chained events of one tenant, as lines, with some spoilt: every 97th has another
+    /// actor than it was hashed with, every 389th is not JSON, every 577th is not UTF-8.
+    fn lines(n: usize) -> Vec<Vec<u8>> {
+        let mut prev = GENESIS_HASH.to_string();
+        (1..=n)
+            .map(|i| {
+                let draft = EventDraft {
+                    at: Timestamp::from_millis(i as i64),
+                    tenant: "acme".into(),
+                    project: "p".into(),
+                    job_id: None,
+                    actor: "orchd".into(),
+                    correlation_id: format!("c-{i}"),
+                    kind: EventKind::Audit { action: "test".into(), details: serde_json::json!({"i": i}) },
+                };
+                let (ev, line) = draft.seal_with_line(i as u64, &prev);
+                prev = ev.hash;
+                let mut line = line.into_bytes();
+                if i % 97 == 0 {
+                    line = String::from_utf8(line).unwrap().replace("orchd", "other").into_bytes();
+                }
+                if i % 389 == 0 {
+                    line.truncate(line.len() / 2);
+                }
+                if i % 577 == 0 {
+                    line[3] = 0xff;
+                }
+                line
+            })
+            .collect()
+    }
+
+    /// What one result says, comparable across runs.
+    fn outcome(r: Result<ReadEvent, EventError>) -> Result<(Event, bool), String> {
+        r.map(|r| {
+            let valid = r.hash_is_valid();
+            (r.event, valid)
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn reading_on_threads_gives_the_lines_in_order_and_stops_when_told() {
+        let lines = lines(3 * CHUNK * 4 + 17);
+        let one_by_one: Vec<_> = lines.iter().map(|l| outcome(ReadEvent::read(l, &mut Vec::new()))).collect();
+        assert!(one_by_one.iter().filter(|r| matches!(r, Ok((_, false)))).count() > 10);
+        assert!(one_by_one.iter().filter(|r| r.is_err()).count() > 3);
+        assert!(one_by_one.iter().filter(|r| matches!(r, Ok((_, true)))).count() > 3000);
+        for readers in [0, 1, 2, 3, 4] {
+            let mut got = Vec::new();
+            read_events(lines.iter().map(Vec::as_slice), readers, |r| {
+                got.push(outcome(r));
+                ControlFlow::Continue(())
+            });
+            assert!(got == one_by_one, "{readers} readers");
+            // Stopping at any point, at a chunk's edge or inside one, gives exactly that prefix.
+            for stop in [1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * CHUNK + 3, lines.len() - 1] {
+                let mut got = Vec::new();
+                read_events(lines.iter().map(Vec::as_slice), readers, |r| {
+                    got.push(outcome(r));
+                    if got.len() == stop {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                });
+                assert!(got[..] == one_by_one[..stop], "{readers} readers, stop at {stop}");
+            }
+        }
+        let mut none = 0;
+        read_events(std::iter::empty(), 2, |_| {
+            none += 1;
+            ControlFlow::Continue(())
+        });
+        assert_eq!(none, 0);
+    }
+
+    #[test]
+    fn a_read_event_is_checked_as_push_checks_it() {
+        let lines = lines(200);
+        let mut pushed = ChainVerifier::new();
+        let mut read = ChainVerifier::new();
+        for l in &lines {
+            let Ok(ev) = Event::from_line(std::str::from_utf8(l).unwrap()) else { continue };
+            let r = ReadEvent::read(l, &mut Vec::new()).unwrap();
+            assert_eq!(pushed.push(&ev), read.push_read(&r));
+        }
+        // The 97th event's hash is refused, and so is everything after it (its link is broken).
+        assert_eq!(pushed.events(), 96);
+        assert_eq!(read.events(), 96);
+        assert_eq!(
+            read.push_read(&ReadEvent::read(&lines[96], &mut Vec::new()).unwrap()),
+            Err(ChainError::BadHash { seq: 97 })
+        );
+    }
 }

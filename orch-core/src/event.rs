@@ -178,6 +178,9 @@ pub enum EventError {
     /// A line is not a valid event.
     #[error("invalid event: {0}")]
     Decode(#[from] serde_json::Error),
+    /// A line is not UTF-8.
+    #[error(transparent)]
+    Utf8(#[from] std::str::Utf8Error),
     /// Canonical encoding failed.
     #[error(transparent)]
     Encode(#[from] canonical::CanonicalError),

@@ -7,9 +7,8 @@ use orch_core::bundle::ALL_FILES;
 
 /// The largest bundle (decompressed) this verifier reads: 16 GiB.
 const MAX_TOTAL: u64 = 16 << 30;
-/// The most memory reserved ahead for one entry. A header's size is only a claim (a 1 KiB
-/// archive may declare a 1 TiB entry); beyond this, memory grows with what is actually read.
-const RESERVE_MAX: u64 = 64 << 20;
+/// The most memory reserved ahead for one entry (see [`read`]).
+const RESERVE_MAX: u64 = 1 << 30;
 
 /// The entries of a bundle, by name, and what was wrong with its shape.
 #[derive(Debug, Default)]
@@ -46,7 +45,12 @@ pub fn read(bytes: &[u8]) -> Result<Entries, String> {
             out.problems.push((name, "not a regular file".into()));
             continue;
         }
-        let mut content = Vec::with_capacity(entry.size().min(RESERVE_MAX) as usize);
+        // The header's size, up to RESERVE_MAX, is reserved at once, so that a large history is
+        // not copied as it grows. It is only a claim (a 1 KiB archive may declare a 1 TiB
+        // entry): what cannot be reserved is not, memory beyond it grows with what is actually
+        // read, and what is reserved but not read is never touched.
+        let mut content = Vec::new();
+        let _ = content.try_reserve_exact(entry.size().min(RESERVE_MAX) as usize);
         entry.read_to_end(&mut content).map_err(|e| format!("unreadable entry {name}: {e}"))?;
         if let Some(version) = carried {
             if out.roots.insert(version, content).is_some() {

@@ -8,11 +8,12 @@ pub mod archive;
 pub mod proof;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
 
 use orch_core::bundle::{self, Manifest};
 use orch_core::chain::ChainVerifier;
 use orch_core::trust::Root;
-use orch_core::{Event, Job, JobId, Timestamp};
+use orch_core::{Job, JobId, Timestamp};
 use serde::Serialize;
 
 /// What to trust and when "now" is.
@@ -247,25 +248,25 @@ fn check_chain(manifest: &Manifest, base: &[u8], history: &[u8], jobs_file: &[u8
         cx.fail("chain", bundle::HISTORY, "last line is not newline-terminated");
         chain_ok = false;
     }
-    for (i, line) in history_lines(history).enumerate() {
-        if !chain_ok {
-            break;
-        }
-        let ev = match std::str::from_utf8(line)
-            .map_err(|e| e.to_string())
-            .and_then(|l| Event::from_line(l).map_err(|e| e.to_string()))
-        {
-            Ok(ev) => ev,
+    // Lines are read and their own hashes checked on all cores; the rest, in order, here.
+    let lines = history_lines(if chain_ok { history } else { b"" });
+    let mut next_index = 0u64;
+    orch_core::chain::read_events(lines, orch_core::chain::readers(), |read| {
+        let index = next_index;
+        next_index += 1;
+        let read = match read {
+            Ok(read) => read,
             Err(e) => {
-                cx.fail("chain", format!("{}:{}", bundle::HISTORY, i + 1), e);
+                cx.fail("chain", format!("{}:{}", bundle::HISTORY, index + 1), e.to_string());
                 chain_ok = false;
-                continue;
+                return ControlFlow::Break(());
             }
         };
-        if manifest.tenant.is_none() && ev.seq != manifest.from_seq + i as u64 {
-            cx.fail("chain", format!("event {}", ev.seq), format!("expected seq {}", manifest.from_seq + i as u64));
+        let ev = &read.event;
+        if manifest.tenant.is_none() && ev.seq != manifest.from_seq + index {
+            cx.fail("chain", format!("event {}", ev.seq), format!("expected seq {}", manifest.from_seq + index));
             chain_ok = false;
-            continue;
+            return ControlFlow::Break(());
         }
         if let Some(t) = &manifest.tenant {
             if &ev.tenant != t {
@@ -276,14 +277,14 @@ fn check_chain(manifest: &Manifest, base: &[u8], history: &[u8], jobs_file: &[u8
                 );
             }
         }
-        if let Err(e) = verifier.push(&ev) {
+        if let Err(e) = verifier.push_read(&read) {
             let (check, entry) = match &e {
                 orch_core::chain::ChainError::Replay(r) => ("replay", format!("event {}", r.seq)),
                 _ => ("chain", format!("event {}", ev.seq)),
             };
             cx.fail(check, entry, e.to_string());
             chain_ok = false;
-            continue;
+            return ControlFlow::Break(());
         }
         // Looked up before inserting: a tenant's name is copied once, not for every event.
         match counts.get_mut(&ev.tenant) {
@@ -295,7 +296,8 @@ fn check_chain(manifest: &Manifest, base: &[u8], history: &[u8], jobs_file: &[u8
         }
         touched.extend(ev.job_id);
         last = Some((ev.seq, ev.at));
-    }
+        ControlFlow::Continue(())
+    });
     if chain_ok {
         // A site bundle ends exactly at to_seq; a tenant's may end earlier (later events were
         // other tenants'), never later.

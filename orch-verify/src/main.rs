@@ -9,6 +9,13 @@ use clap::{Args, Parser, Subcommand};
 use orch_core::Timestamp;
 use orch_verify::{proof, verify, VerifyOptions};
 
+/// The readers of `history.jsonl` allocate events on their threads and the verifier frees them on
+/// its own: jemalloc does that faster than glibc's malloc (the figures are in
+/// docs/performance.md). The same allocator as `orchd`.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// orch-verify — checks an orch audit bundle against a trust root with no network: archive shape,
 /// signatures, root rotation, file digests, hash chains, Merkle root, time anchor, and replay.
 #[derive(Parser)]
