@@ -169,22 +169,13 @@ const CHUNK: usize = 256;
 
 /// Reads `lines` as [`ReadEvent`]s and calls `each` with each result, in the order of the lines,
 /// until it returns [`ControlFlow::Break`] or the lines end. `readers` threads read (see
-/// [`readers`]); with fewer than two, the calling thread reads them itself. `each` runs on the
-/// calling thread.
+/// [`readers`]); with fewer than two, or lines that fit in one chunk, the calling thread reads
+/// them itself. `each` runs on the calling thread.
 pub fn read_events<'a>(
     lines: impl Iterator<Item = &'a [u8]>,
     readers: usize,
     mut each: impl FnMut(Result<ReadEvent, EventError>) -> ControlFlow<()>,
 ) {
-    if readers < 2 {
-        let mut scratch = Vec::new();
-        for line in lines {
-            if each(ReadEvent::read(line, &mut scratch)).is_break() {
-                return;
-            }
-        }
-        return;
-    }
     type Chunk<'a> = Vec<&'a [u8]>;
     type Read = Vec<Result<ReadEvent, EventError>>;
     let mut lines = lines.peekable();
@@ -192,6 +183,20 @@ pub fn read_events<'a>(
         lines.peek()?;
         Some(lines.by_ref().take(CHUNK).collect::<Chunk<'a>>())
     };
+    let head: Vec<Chunk<'a>> = std::iter::from_fn(&mut next_chunk).take(2).collect();
+    if readers < 2 || head.len() < 2 {
+        // One reader, or lines that fit in one chunk (a small bundle, a proof): no thread would
+        // pay for itself.
+        let mut scratch = Vec::new();
+        for line in head.into_iter().chain(std::iter::from_fn(next_chunk)).flatten() {
+            if each(ReadEvent::read(line, &mut scratch)).is_break() {
+                return;
+            }
+        }
+        return;
+    }
+    let mut head = head.into_iter();
+    let mut next_chunk = move || head.next().or_else(&mut next_chunk);
     std::thread::scope(|s| {
         // Chunk n goes to reader n % readers and comes back from it in the order sent, so taking
         // one result from each reader in turn keeps the order of the lines. Each reader holds at
@@ -351,6 +356,16 @@ mod tests {
                 });
                 assert!(got[..] == one_by_one[..stop], "{readers} readers, stop at {stop}");
             }
+        }
+        // A few lines, and exactly one chunk: read on the calling thread, with the same results.
+        for n in [3, CHUNK] {
+            let lines = &lines[..n];
+            let mut got = Vec::new();
+            read_events(lines.iter().map(Vec::as_slice), 4, |r| {
+                got.push(outcome(r));
+                ControlFlow::Continue(())
+            });
+            assert!(got[..] == one_by_one[..n], "{n} lines");
         }
         let mut none = 0;
         read_events(std::iter::empty(), 2, |_| {
