@@ -76,25 +76,23 @@ impl ChainVerifier {
 
     /// Checks and applies the next event.
     pub fn push(&mut self, ev: &Event) -> Result<(), ChainError> {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let pushed = self.push_checking(ev, |ev| ev.hash_is_valid_with(&mut scratch));
-        self.scratch = scratch;
-        pushed
+        self.push_checking(ev, None)
     }
 
     /// [`push`](Self::push) for an event whose own hash was checked when it was read.
     pub fn push_read(&mut self, ev: &ReadEvent) -> Result<(), ChainError> {
-        self.push_checking(&ev.event, |_| ev.hash_valid)
+        self.push_checking(&ev.event, Some(ev.hash_valid))
     }
 
-    /// The checks in their order, with the event's own hash checked by `hash_valid`.
-    fn push_checking(&mut self, ev: &Event, hash_valid: impl FnOnce(&Event) -> bool) -> Result<(), ChainError> {
+    /// The checks in their order; the event's own hash is checked here unless `hash_valid` says
+    /// already whether it matches.
+    fn push_checking(&mut self, ev: &Event, hash_valid: Option<bool>) -> Result<(), ChainError> {
         let expected = self.last_seq.map_or(1, |s| s + 1);
         let seq_ok = if self.contiguous { ev.seq == expected } else { ev.seq >= expected };
         if !seq_ok {
             return Err(ChainError::BadSequence { seq: ev.seq, expected });
         }
-        if !hash_valid(ev) {
+        if !hash_valid.unwrap_or_else(|| ev.hash_is_valid_with(&mut self.scratch)) {
             return Err(ChainError::BadHash { seq: ev.seq });
         }
         let head = self.heads.get(&ev.tenant).map_or(GENESIS_HASH, String::as_str);
