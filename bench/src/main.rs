@@ -274,7 +274,7 @@ fn verify_and_replay(
         let mut v = orch_core::chain::ChainVerifier::new();
         let mut failure = None;
         orch_core::chain::read_events(lines.iter().copied(), readers, |read| {
-            match read.map_err(anyhow::Error::from).and_then(|r| Ok(v.push_read(&r)?)) {
+            match read.map_err(anyhow::Error::from).and_then(|r| Ok(v.push_read(r)?)) {
                 Ok(()) => std::ops::ControlFlow::Continue(()),
                 Err(e) => {
                     failure = Some(e);
@@ -289,6 +289,30 @@ fn verify_and_replay(
         let name = if readers == 1 { "replay on one core, events" } else { "replay (parse+hash+chain+apply), events" };
         row(name, lines.len(), per_sec(lines.len(), t), "/s", None);
     }
+    // Where one core's time goes, stage by stage, on the first lines (at most 100k events, kept
+    // in memory between stages): each event's CPU cost, whose sum bounds replay on N cores at
+    // N / sum events per second however the stages are spread.
+    let sample = &lines[..lines.len().min(100_000)];
+    let t = Instant::now();
+    let parsed: Vec<orch_core::Event> =
+        sample.iter().map(|l| orch_core::Event::from_line(std::str::from_utf8(l)?)).collect::<Result<_, _>>()?;
+    let parse_us = t.elapsed().as_secs_f64() * 1e6 / sample.len() as f64;
+    let t = Instant::now();
+    let mut scratch = Vec::new();
+    anyhow::ensure!(parsed.iter().all(|e| e.hash_is_valid_with(&mut scratch)), "a hash does not match");
+    let hash_us = t.elapsed().as_secs_f64() * 1e6 / sample.len() as f64;
+    let t = Instant::now();
+    let mut jobs = std::collections::BTreeMap::new();
+    for ev in parsed {
+        orch_core::machine::replay_owned(&mut jobs, ev)?;
+    }
+    let apply_us = t.elapsed().as_secs_f64() * 1e6 / sample.len() as f64;
+    row("  replay stage: parse a line, us/event", sample.len(), parse_us, "us", None);
+    row("  replay stage: check its hash, us/event", sample.len(), hash_us, "us", None);
+    row("  replay stage: apply (and free), us/event", sample.len(), apply_us, "us", None);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let bound = cores as f64 * 1e6 / (parse_us + hash_us + apply_us);
+    row(&format!("  replay bound on {cores} cores from the stages, events"), sample.len(), bound, "/s", None);
     row("bundle size, bytes", label, bytes.len() as f64, "B", None);
     Ok(())
 }
@@ -416,6 +440,12 @@ fn main() -> anyhow::Result<()> {
                     "MB/s",
                     None,
                 );
+                // `orchd check` on the same ledger: every line read and hashed, the chains
+                // linked, the history replayed and compared with the jobs table.
+                let t = Instant::now();
+                let report = orch_store::check_ledger(&store).context("check")?;
+                anyhow::ensure!(report.ok(), "the bench's ledger does not check: {:?}", report.problems);
+                row("check (read+hash+chain+replay+compare), events", events, per_sec(events, t), "/s", None);
                 if let Some(path) = &cli.save_bundle {
                     let path = path.replace("{jobs}", &n.to_string());
                     std::fs::write(&path, &bytes).with_context(|| format!("writing {path}"))?;

@@ -150,16 +150,19 @@ fn build(
     let mut rechainer = Rechainer::new();
     let corrupt = |e: orch_core::chain::ChainError| ExportError::Corrupt(e.to_string());
     let mut failure: Option<ExportError> = None;
+    // Checking an event's hash encodes it here: its canonical line, hash included.
+    let mut line = Vec::new();
 
     // Events before the range: replayed for the base states and chain heads only.
-    snap.for_each_event(&opts.scope, 1, from - 1, &mut |ev| {
+    snap.for_each_event(&opts.scope, 1, from - 1, &mut |mut ev| {
         if failure.is_none() {
-            if let Err(e) = verifier.push(&ev) {
+            let hash_valid = ev.hash_is_valid_with(&mut line);
+            if let Err(e) = verifier.push_hashed(&ev, hash_valid) {
                 failure = Some(corrupt(e));
             }
-            let mut ev = ev;
-            redactor.redact_event(&mut ev);
-            rechainer.push(&mut ev);
+            if redactor.redact_event(&mut ev) || !rechainer.keep(&ev) {
+                rechainer.push(&mut ev);
+            }
         }
         Ok(())
     })?;
@@ -186,14 +189,19 @@ fn build(
                 }
             }
         }
-        if let Err(e) = verifier.push(&ev) {
+        let hash_valid = ev.hash_is_valid_with(&mut line);
+        if let Err(e) = verifier.push_hashed(&ev, hash_valid) {
             failure = Some(corrupt(e));
             return Ok(());
         }
         let mut e = ev;
-        redactor.redact_event(&mut e);
         let prev = rechainer.heads().get(&e.tenant).cloned().unwrap_or_else(|| hash::GENESIS_HASH.to_string());
-        rechainer.push(&mut e);
+        // An event that redaction leaves as it was, in a chain it changed nothing of before,
+        // keeps its hash and the line just encoded; any other is sealed and encoded again.
+        if redactor.redact_event(&mut e) || !rechainer.keep(&e) {
+            rechainer.push(&mut e);
+            line = e.to_line().into_bytes();
+        }
         let span = chains.entry(e.tenant.clone()).or_insert_with(|| ChainSpan {
             first_prev_hash: prev,
             first_hash: e.hash.clone(),
@@ -202,9 +210,8 @@ fn build(
         });
         span.last_hash = e.hash.clone();
         span.events += 1;
-        let line = e.to_line();
-        leaves.push(orch_core::merkle::leaf_hash(line.as_bytes()));
-        push_line(&mut history, line.as_bytes());
+        leaves.push(orch_core::merkle::leaf_hash(&line));
+        push_line(&mut history, &line);
         last_at = Some(e.at);
         events += 1;
         if events.is_multiple_of(4096) {

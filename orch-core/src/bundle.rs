@@ -273,14 +273,18 @@ impl Redactor {
     }
 
     /// Redacts the payloads an event carries (the job spec of `job.enqueued`, progress, audit
-    /// details). The event is left unsealed: re-chain it with [`Rechainer`].
-    pub fn redact_event(&mut self, ev: &mut Event) {
+    /// details); returns whether it changed any. A changed event is left unsealed: re-chain it
+    /// with [`Rechainer`].
+    pub fn redact_event(&mut self, ev: &mut Event) -> bool {
+        let before = self.count;
         match &mut ev.event {
             EventKind::Enqueued(spec) => spec.payload = self.redact_value(&spec.payload),
             EventKind::Heartbeat { progress: Some(p), .. } => *p = self.redact_value(p),
             EventKind::Audit { details, .. } => *details = self.redact_value(details),
             _ => {}
         }
+        // A value changes only where it is masked, and each mask is counted.
+        self.count != before
     }
 
     /// Redacts a job's payload and progress the same way its events were.
@@ -319,6 +323,21 @@ impl Rechainer {
         self.heads.insert(ev.tenant.clone(), ev.hash.clone());
     }
 
+    /// Takes an event whose hash is known to match its content as it is, if it is already
+    /// linked to its tenant's head (nothing before it in its chain was changed): its hash
+    /// becomes the head and `true` is returned. Otherwise nothing changes: seal it with
+    /// [`push`](Self::push).
+    pub fn keep(&mut self, ev: &Event) -> bool {
+        match self.heads.get_mut(&ev.tenant) {
+            Some(head) if *head == ev.prev_hash => ev.hash.clone_into(head),
+            None if ev.prev_hash == GENESIS_HASH => {
+                self.heads.insert(ev.tenant.clone(), ev.hash.clone());
+            }
+            _ => return false,
+        }
+        true
+    }
+
     /// Each tenant's current head.
     pub fn heads(&self) -> &BTreeMap<String, String> {
         &self.heads
@@ -333,6 +352,7 @@ pub fn sha256sums<'a>(entries: impl IntoIterator<Item = (&'a str, &'a FileEntry)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hash::GENESIS_HASH;
     use serde_json::json;
 
     #[test]
@@ -352,5 +372,69 @@ mod tests {
         assert_eq!(again, out);
         let other = Redactor::new(RedactionPolicy::default(), b"other".to_vec()).redact_value(&v);
         assert_ne!(other["Password"], out["Password"]);
+    }
+
+    /// Keeping the events that redaction leaves alone and sealing the others again gives the
+    /// chains that sealing every event again gives, whichever events carry secrets: the first
+    /// of a chain, one in the middle, none.
+    #[test]
+    fn keeping_unchanged_events_rechains_as_sealing_every_one_does() {
+        let event = |seq: u64, tenant: &str, prev: &str, payload: Value| {
+            let spec = crate::JobSpec {
+                queue: "q".into(),
+                source: None,
+                payload,
+                priority: 0,
+                run_after: crate::Timestamp::from_millis(0),
+                max_attempts: 1,
+                idempotency_key: None,
+                run: None,
+                depends_on: Vec::new(),
+                on_parent_failure: Default::default(),
+            };
+            let draft = crate::EventDraft {
+                at: crate::Timestamp::from_millis(seq as i64),
+                tenant: tenant.into(),
+                project: "p".into(),
+                job_id: Some(seq as i64),
+                actor: "a".into(),
+                correlation_id: "c".into(),
+                kind: EventKind::Enqueued(spec),
+            };
+            draft.seal(seq, prev)
+        };
+        for secret_at in [None, Some(1), Some(3)] {
+            let mut heads: BTreeMap<String, String> = BTreeMap::new();
+            let history: Vec<Event> = (1..=6u64)
+                .map(|seq| {
+                    let tenant = if seq % 2 == 0 { "globex" } else { "acme" };
+                    let payload = if Some(seq) == secret_at { json!({"password": "x"}) } else { json!({"n": seq}) };
+                    let prev = heads.get(tenant).cloned().unwrap_or_else(|| GENESIS_HASH.to_string());
+                    let ev = event(seq, tenant, &prev, payload);
+                    heads.insert(tenant.into(), ev.hash.clone());
+                    ev
+                })
+                .collect();
+            let (mut sealed, mut kept) = (Rechainer::new(), Rechainer::new());
+            let (mut r1, mut r2) =
+                (Redactor::new(Default::default(), Vec::new()), Redactor::new(Default::default(), Vec::new()));
+            for ev in &history {
+                let (mut a, mut b) = (ev.clone(), ev.clone());
+                r1.redact_event(&mut a);
+                sealed.push(&mut a);
+                let changed = r2.redact_event(&mut b);
+                assert_eq!(changed, Some(ev.seq) == secret_at, "event {}", ev.seq);
+                let keeps = !changed && kept.keep(&b);
+                if !keeps {
+                    kept.push(&mut b);
+                }
+                // Only acme's events after its secret are sealed again, and the secret's own.
+                let acme_after_secret = ev.tenant == "acme" && secret_at.is_some_and(|s| ev.seq >= s);
+                assert_eq!(keeps, !acme_after_secret, "event {}, secret at {secret_at:?}", ev.seq);
+                assert_eq!(a, b, "event {}", ev.seq);
+                assert!(b.hash_is_valid(), "event {}", ev.seq);
+            }
+            assert_eq!(sealed.heads(), kept.heads());
+        }
     }
 }

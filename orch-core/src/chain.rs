@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use crate::event::{Event, EventError};
 use crate::hash::GENESIS_HASH;
 use crate::job::{Job, JobId};
-use crate::machine::{replay_one, ReplayError};
+use crate::machine::{replay_one, replay_owned, ReplayError};
 
 /// Why a history is not a valid chain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,17 +76,64 @@ impl ChainVerifier {
 
     /// Checks and applies the next event.
     pub fn push(&mut self, ev: &Event) -> Result<(), ChainError> {
-        self.push_checking(ev, None)
+        self.check(ev, None)?;
+        self.apply(ev)
     }
 
-    /// [`push`](Self::push) for an event whose own hash was checked when it was read.
-    pub fn push_read(&mut self, ev: &ReadEvent) -> Result<(), ChainError> {
-        self.push_checking(&ev.event, Some(ev.hash_valid))
+    /// Replays a checked event and moves its tenant's head to it.
+    fn apply(&mut self, ev: &Event) -> Result<(), ChainError> {
+        replay_one(&mut self.jobs, ev)?;
+        // The tenant's head changes in place: no new key for every event.
+        match self.heads.get_mut(&ev.tenant) {
+            Some(head) => ev.hash.clone_into(head),
+            None => {
+                self.heads.insert(ev.tenant.clone(), ev.hash.clone());
+            }
+        }
+        self.advance(ev.seq);
+        Ok(())
     }
 
-    /// The checks in their order; the event's own hash is checked here unless `hash_valid` says
-    /// already whether it matches.
-    fn push_checking(&mut self, ev: &Event, hash_valid: Option<bool>) -> Result<(), ChainError> {
+    /// [`push`](Self::push) for an event whose own hash the caller has checked, with
+    /// [`Event::hash_is_valid_with`] (whose buffer then holds the event's canonical line).
+    pub fn push_hashed(&mut self, ev: &Event, hash_valid: bool) -> Result<(), ChainError> {
+        self.check(ev, Some(hash_valid))?;
+        self.apply(ev)
+    }
+
+    /// [`push`](Self::push) for an event the caller has no more use for: what it carries moves
+    /// into the job it creates, and its hash becomes its tenant's head.
+    pub fn push_owned(&mut self, ev: Event) -> Result<(), ChainError> {
+        self.consume(ev, None)
+    }
+
+    /// [`push_owned`](Self::push_owned) for an event read by [`ReadEvent::read`], whose own hash
+    /// was checked then.
+    pub fn push_read(&mut self, read: ReadEvent) -> Result<(), ChainError> {
+        self.consume(read.event, Some(read.hash_valid))
+    }
+
+    fn consume(&mut self, mut ev: Event, hash_valid: Option<bool>) -> Result<(), ChainError> {
+        self.check(&ev, hash_valid)?;
+        let seq = ev.seq;
+        let hash = std::mem::take(&mut ev.hash);
+        // The head's slot is found before the event is used up; a new tenant's name is copied.
+        let head = self.heads.get_mut(&ev.tenant);
+        let new_tenant = head.is_none().then(|| ev.tenant.clone());
+        replay_owned(&mut self.jobs, ev)?;
+        match (head, new_tenant) {
+            (Some(head), _) => *head = hash,
+            (None, tenant) => {
+                self.heads.insert(tenant.expect("copied when the tenant had no head"), hash);
+            }
+        }
+        self.advance(seq);
+        Ok(())
+    }
+
+    /// The checks that come before the event is applied, in their order; the event's own hash is
+    /// checked here unless `hash_valid` says already whether it matches.
+    fn check(&mut self, ev: &Event, hash_valid: Option<bool>) -> Result<(), ChainError> {
         let expected = self.last_seq.map_or(1, |s| s + 1);
         let seq_ok = if self.contiguous { ev.seq == expected } else { ev.seq >= expected };
         if !seq_ok {
@@ -99,17 +146,12 @@ impl ChainVerifier {
         if ev.prev_hash != head {
             return Err(ChainError::BrokenLink { seq: ev.seq, tenant: ev.tenant.clone() });
         }
-        replay_one(&mut self.jobs, ev)?;
-        // The tenant's head changes in place: no new key for every event.
-        match self.heads.get_mut(&ev.tenant) {
-            Some(head) => ev.hash.clone_into(head),
-            None => {
-                self.heads.insert(ev.tenant.clone(), ev.hash.clone());
-            }
-        }
-        self.last_seq = Some(ev.seq);
-        self.events += 1;
         Ok(())
+    }
+
+    fn advance(&mut self, seq: u64) {
+        self.last_seq = Some(seq);
+        self.events += 1;
     }
 
     /// Events checked so far.
@@ -381,14 +423,117 @@ mod tests {
         for l in &lines {
             let Ok(ev) = Event::from_line(std::str::from_utf8(l).unwrap()) else { continue };
             let r = ReadEvent::read(l, &mut Vec::new()).unwrap();
-            assert_eq!(pushed.push(&ev), read.push_read(&r));
+            assert_eq!(pushed.push(&ev), read.push_read(r));
         }
         // The 97th event's hash is refused, and so is everything after it (its link is broken).
         assert_eq!(pushed.events(), 96);
         assert_eq!(read.events(), 96);
         assert_eq!(
-            read.push_read(&ReadEvent::read(&lines[96], &mut Vec::new()).unwrap()),
+            read.push_read(ReadEvent::read(&lines[96], &mut Vec::new()).unwrap()),
             Err(ChainError::BadHash { seq: 97 })
         );
+    }
+
+    /// Job events of two tenants, chained: each job enqueued, claimed and acked, the second
+    /// tenant's first event after the first tenant's third.
+    fn job_events(jobs: JobId) -> Vec<Event> {
+        use crate::{JobSpec, Timestamp};
+        let mut heads: BTreeMap<String, String> = BTreeMap::new();
+        let mut out = Vec::new();
+        let mut seal = |tenant: &str, id: JobId, kind: EventKind| {
+            let seq = out.len() as u64 + 1;
+            let draft = EventDraft {
+                at: Timestamp::from_millis(seq as i64),
+                tenant: tenant.into(),
+                project: "p".into(),
+                job_id: Some(id),
+                actor: "w".into(),
+                correlation_id: format!("c-{id}"),
+                kind,
+            };
+            let prev = heads.get(tenant).map_or(GENESIS_HASH, String::as_str);
+            let ev = draft.seal(seq, prev);
+            heads.insert(tenant.into(), ev.hash.clone());
+            out.push(ev);
+        };
+        for id in 1..=jobs {
+            let tenant = if id % 2 == 0 { "globex" } else { "acme" };
+            let spec = JobSpec {
+                queue: "q".into(),
+                source: None,
+                payload: serde_json::json!({"n": id}),
+                priority: 0,
+                run_after: Timestamp::from_millis(0),
+                max_attempts: 3,
+                idempotency_key: None,
+                run: None,
+                depends_on: Vec::new(),
+                on_parent_failure: Default::default(),
+            };
+            seal(tenant, id, EventKind::Enqueued(spec));
+            let lease_id = format!("l{id}");
+            let lease_expires_at = Timestamp::from_millis(1 << 40);
+            seal(
+                tenant,
+                id,
+                EventKind::Claimed { lease_id: lease_id.clone(), worker: "w".into(), lease_expires_at, attempt: 1 },
+            );
+            seal(tenant, id, EventKind::Succeeded { lease_id, artifacts: Vec::new() });
+        }
+        out
+    }
+
+    /// The owned path moves an enqueued job's parts instead of copying them: the jobs, heads and
+    /// refusals it gives are push's, event by event, for a new job, a job that already exists
+    /// and a spec that can never run.
+    #[test]
+    fn a_read_event_is_applied_as_push_applies_it() {
+        let events = job_events(5);
+        let read = |ev: &Event| ReadEvent::read(ev.to_line().as_bytes(), &mut Vec::new()).unwrap();
+        let (mut pushed, mut owned, mut read_owned) =
+            (ChainVerifier::new(), ChainVerifier::new(), ChainVerifier::new());
+        for ev in &events {
+            assert_eq!(pushed.push(ev), Ok(()));
+            assert_eq!(owned.push_owned(ev.clone()), Ok(()));
+            assert_eq!(read_owned.push_read(read(ev)), Ok(()));
+            let state = |v: &ChainVerifier| (v.jobs().clone(), v.heads().clone(), v.last_seq(), v.events());
+            assert_eq!(state(&pushed), state(&owned));
+            assert_eq!(state(&pushed), state(&read_owned));
+        }
+        assert_eq!(owned.jobs().len(), 5);
+        assert_eq!(owned.heads().len(), 2);
+        assert!(owned.jobs().values().all(|j| j.state == crate::JobState::Succeeded));
+
+        // Refused after every other check passed: the job exists, or its spec can never run.
+        let again = |spec_edit: fn(&mut crate::JobSpec), id: JobId| {
+            let EventKind::Enqueued(mut spec) = events[0].event.clone() else { unreachable!() };
+            spec_edit(&mut spec);
+            let draft = EventDraft {
+                at: crate::Timestamp::from_millis(99),
+                tenant: "acme".into(),
+                project: "p".into(),
+                job_id: Some(id),
+                actor: "w".into(),
+                correlation_id: "c".into(),
+                kind: EventKind::Enqueued(spec),
+            };
+            draft.seal(events.len() as u64 + 1, &owned.heads()["acme"])
+        };
+        for (ev, refusal) in [
+            (again(|_| {}, 1), crate::TransitionError::JobExists(1)),
+            (
+                again(|s| s.max_attempts = 0, 9),
+                crate::TransitionError::InvalidSpec(9, "max_attempts must be at least 1"),
+            ),
+        ] {
+            let want = Err(ChainError::Replay(ReplayError { seq: ev.seq, source: refusal }));
+            let (mut p, mut o, mut r) = (pushed.clone(), owned.clone(), owned.clone());
+            assert_eq!(p.push(&ev), want);
+            assert_eq!(o.push_owned(ev.clone()), want);
+            assert_eq!(r.push_read(read(&ev)), want);
+            for v in [&p, &o, &r] {
+                assert_eq!((v.jobs(), v.heads(), v.events()), (owned.jobs(), owned.heads(), owned.events()));
+            }
+        }
     }
 }

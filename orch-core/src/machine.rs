@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use crate::event::{Event, EventKind};
-use crate::job::{Job, JobError, JobId, JobState, Lease};
+use crate::job::{Job, JobError, JobId, JobSpec, JobState, Lease};
 
 /// Why an event cannot apply to a job.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,31 +96,58 @@ pub fn apply(job: Option<&Job>, ev: &Event) -> Result<Option<Job>, TransitionErr
         if job.is_some() {
             return Err(TransitionError::JobExists(id));
         }
-        if spec.max_attempts == 0 {
-            return Err(TransitionError::InvalidSpec(id, "max_attempts must be at least 1"));
-        }
-        return Ok(Some(Job {
+        check_spec(id, spec)?;
+        let Event { at, seq, tenant, project, correlation_id, .. } = ev;
+        return Ok(Some(created(
             id,
-            tenant: ev.tenant.clone(),
-            project: ev.project.clone(),
-            correlation_id: ev.correlation_id.clone(),
-            spec: spec.clone(),
-            state: JobState::Queued,
-            attempt: 0,
-            lease: None,
-            progress: None,
-            artifacts: Vec::new(),
-            last_error: None,
-            created_at: ev.at,
-            updated_at: ev.at,
-            finished_at: None,
-            last_seq: ev.seq,
-        }));
+            (*at, *seq),
+            tenant.clone(),
+            project.clone(),
+            correlation_id.clone(),
+            spec.clone(),
+        )));
     }
 
     let mut next = job.ok_or(TransitionError::UnknownJob(id))?.clone();
     transition(&mut next, ev)?;
     Ok(Some(next))
+}
+
+/// Refuses a spec that can never run.
+fn check_spec(id: JobId, spec: &JobSpec) -> Result<(), TransitionError> {
+    if spec.max_attempts == 0 {
+        return Err(TransitionError::InvalidSpec(id, "max_attempts must be at least 1"));
+    }
+    Ok(())
+}
+
+/// The job a `job.enqueued` event creates, from the event's time and sequence number and the
+/// parts it carries (copied from a borrowed event, moved from an owned one).
+fn created(
+    id: JobId,
+    (at, seq): (crate::Timestamp, u64),
+    tenant: String,
+    project: String,
+    correlation_id: String,
+    spec: JobSpec,
+) -> Job {
+    Job {
+        id,
+        tenant,
+        project,
+        correlation_id,
+        spec,
+        state: JobState::Queued,
+        attempt: 0,
+        lease: None,
+        progress: None,
+        artifacts: Vec::new(),
+        last_error: None,
+        created_at: at,
+        updated_at: at,
+        finished_at: None,
+        last_seq: seq,
+    }
 }
 
 /// Applies a job event other than `job.enqueued` to the job it names, in place. Every arm checks
@@ -249,6 +276,27 @@ pub fn replay<'a>(events: impl IntoIterator<Item = &'a Event>) -> Result<BTreeMa
     Ok(jobs)
 }
 
+/// [`replay_one`] for an event the caller has no more use for: a new job takes the event's spec,
+/// tenant, project and correlation id instead of copies of them. Replay of a long history is
+/// mostly creating jobs and dropping events, so this is the form a verifier uses.
+pub fn replay_owned(jobs: &mut BTreeMap<JobId, Job>, ev: Event) -> Result<(), ReplayError> {
+    use std::collections::btree_map::Entry;
+    match ev {
+        Event {
+            at, seq, tenant, project, correlation_id, job_id: Some(id), event: EventKind::Enqueued(spec), ..
+        } => {
+            let refused = |source| ReplayError { seq, source };
+            let Entry::Vacant(slot) = jobs.entry(id) else {
+                return Err(refused(TransitionError::JobExists(id)));
+            };
+            check_spec(id, &spec).map_err(refused)?;
+            slot.insert(created(id, (at, seq), tenant, project, correlation_id, spec));
+            Ok(())
+        }
+        ev => replay_one(jobs, &ev),
+    }
+}
+
 /// Applies one event to a map of jobs; the streaming form of [`replay`].
 pub fn replay_one(jobs: &mut BTreeMap<JobId, Job>, ev: &Event) -> Result<(), ReplayError> {
     // A job that exists changes in place; creating one, and refusing, is `apply`'s.
@@ -369,6 +417,27 @@ mod tests {
             let err = replay_one(&mut jobs, ev).unwrap_err();
             assert_eq!(err.seq, 3);
             assert_eq!(jobs, before, "{:?} changed the job", ev.event);
+        }
+    }
+
+    /// Replay by value gives what replay by reference gives, refusals included.
+    #[test]
+    fn owned_replay_matches_replay_by_reference() {
+        let mut by_ref = BTreeMap::new();
+        let mut owned = BTreeMap::new();
+        for ev in history() {
+            replay_one(&mut by_ref, &ev).unwrap();
+            replay_owned(&mut owned, ev).unwrap();
+            assert_eq!(owned, by_ref);
+        }
+        let EventKind::Enqueued(spec) = history()[0].event.clone() else { unreachable!() };
+        let never = JobSpec { max_attempts: 0, ..spec.clone() };
+        let mut other = event(7, 120, EventKind::Enqueued(never));
+        other.job_id = Some(2);
+        for ev in [event(7, 120, EventKind::Enqueued(spec)), other] {
+            let want = replay_one(&mut by_ref.clone(), &ev).unwrap_err();
+            assert_eq!(replay_owned(&mut owned, ev), Err(want));
+            assert_eq!(owned, by_ref);
         }
     }
 }

@@ -725,7 +725,12 @@ pub(crate) fn decode_job(doc: &str) -> Result<Job, StoreError> {
 }
 
 pub(crate) fn decode_event(line: &str) -> Result<Event, StoreError> {
-    Event::from_line(line).map_err(|e| StoreError::Corrupt(format!("stored event does not decode: {e}")))
+    Event::from_line(line).map_err(decode_error)
+}
+
+/// Why a stored event line does not decode.
+pub(crate) fn decode_error(e: orch_core::event::EventError) -> StoreError {
+    StoreError::Corrupt(format!("stored event does not decode: {e}"))
 }
 
 /// A stored throttle line, as a record or as the JSON value a bundle carries.

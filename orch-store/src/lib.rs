@@ -262,14 +262,25 @@ pub trait SnapshotReader {
     fn site_id(&self) -> Result<String, StoreError>;
     /// The sequence number of the last event.
     fn head_seq(&self) -> Result<u64, StoreError>;
-    /// Visits events with `from <= seq <= to` in the scope, by ascending sequence.
+    /// Visits the lines (as in `history.jsonl`) of events with `from <= seq <= to` in the scope,
+    /// by ascending sequence.
+    fn for_each_event_line(
+        &self,
+        scope: &Scope,
+        from: u64,
+        to: u64,
+        f: &mut dyn FnMut(&str) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+    /// [`for_each_event_line`](Self::for_each_event_line), each line decoded.
     fn for_each_event(
         &self,
         scope: &Scope,
         from: u64,
         to: u64,
         f: &mut dyn FnMut(Event) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        self.for_each_event_line(scope, from, to, &mut |line| f(ledger::decode_event(line)?))
+    }
     /// Visits the stored jobs in the scope, by ascending id.
     fn for_each_job(&self, scope: &Scope, f: &mut dyn FnMut(Job) -> Result<(), StoreError>) -> Result<(), StoreError>;
     /// Visits throttle records (lines of `throttles.jsonl`) with `from <= seq <= to` in the scope.
@@ -307,6 +318,75 @@ pub fn check_ledger(store: &dyn Store) -> Result<LedgerReport, StoreError> {
     Ok(report)
 }
 
+/// Checks history lines as a snapshot yields them: they are gathered in batches, each read on
+/// all cores by [`orch_core::chain::read_events`] and checked in order by one verifier.
+struct LineChecker {
+    verifier: orch_core::chain::ChainVerifier,
+    /// The first failed check: the rest of the lines are not looked at.
+    problem: Option<String>,
+    /// The batch's lines, one after the other (a line is not split at any byte of its own).
+    batch: Vec<u8>,
+    /// Where each line of the batch ends.
+    ends: Vec<usize>,
+    batch_lines: usize,
+}
+
+impl LineChecker {
+    /// Lines read at a time: enough to keep the readers busy, a few MiB of text.
+    const BATCH: usize = 1 << 13;
+
+    fn new(batch_lines: usize) -> Self {
+        let verifier = orch_core::chain::ChainVerifier::new();
+        LineChecker { verifier, problem: None, batch: Vec::new(), ends: Vec::new(), batch_lines }
+    }
+
+    fn push(&mut self, line: &str) -> Result<(), StoreError> {
+        if self.problem.is_some() {
+            return Ok(());
+        }
+        self.batch.extend_from_slice(line.as_bytes());
+        self.ends.push(self.batch.len());
+        if self.ends.len() == self.batch_lines {
+            self.check_batch()?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Self, StoreError> {
+        self.check_batch()?;
+        Ok(self)
+    }
+
+    fn check_batch(&mut self) -> Result<(), StoreError> {
+        let (batch, ends) = (std::mem::take(&mut self.batch), std::mem::take(&mut self.ends));
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        let lines = starts.zip(&ends).map(|(start, &end)| &batch[start..end]);
+        let mut undecodable = None;
+        orch_core::chain::read_events(lines, orch_core::chain::readers(), |read| {
+            let outcome = match read {
+                // As `for_each_event` would have said: a stored line that does not decode is a
+                // corrupt store, not a failed check.
+                Err(e) => Err(undecodable.insert(ledger::decode_error(e)).to_string()),
+                Ok(read) => self.verifier.push_read(read).map_err(|e| e.to_string()),
+            };
+            match outcome {
+                Ok(()) => std::ops::ControlFlow::Continue(()),
+                Err(problem) => {
+                    self.problem = Some(problem);
+                    std::ops::ControlFlow::Break(())
+                }
+            }
+        });
+        if let Some(e) = undecodable {
+            return Err(e);
+        }
+        (self.batch, self.ends) = (batch, ends);
+        self.batch.clear();
+        self.ends.clear();
+        Ok(())
+    }
+}
+
 /// Checks one view; returns (events, chains, jobs) and records problems with `prefix`.
 fn check_snapshot(
     snap: &dyn SnapshotReader,
@@ -314,16 +394,9 @@ fn check_snapshot(
     problems: &mut Vec<String>,
 ) -> Result<(u64, usize, u64), StoreError> {
     let head = snap.head_seq()?;
-    let mut verifier = orch_core::chain::ChainVerifier::new();
-    let mut problem = None;
-    snap.for_each_event(&Scope::All, 1, head, &mut |ev| {
-        if problem.is_none() {
-            if let Err(e) = verifier.push(&ev) {
-                problem = Some(e.to_string());
-            }
-        }
-        Ok(())
-    })?;
+    let mut lines = LineChecker::new(LineChecker::BATCH);
+    snap.for_each_event_line(&Scope::All, 1, head, &mut |line| lines.push(line))?;
+    let LineChecker { verifier, problem, .. } = lines.finish()?;
     let counts = (verifier.events(), verifier.heads().len());
     if let Some(p) = problem {
         problems.push(format!("{prefix}{p}"));
@@ -343,4 +416,67 @@ fn check_snapshot(
         ));
     }
     Ok((counts.0, counts.1, stored.len() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orch_core::hash::GENESIS_HASH;
+    use orch_core::{EventDraft, EventKind, Timestamp};
+
+    /// `n` chained audit events of one tenant, as lines.
+    fn lines(n: u64) -> Vec<String> {
+        let mut prev = GENESIS_HASH.to_string();
+        (1..=n)
+            .map(|seq| {
+                let draft = EventDraft {
+                    at: Timestamp::from_millis(seq as i64),
+                    tenant: "acme".into(),
+                    project: "p".into(),
+                    job_id: None,
+                    actor: "orchd".into(),
+                    correlation_id: format!("c-{seq}"),
+                    kind: EventKind::Audit { action: "test".into(), details: serde_json::json!(seq) },
+                };
+                let (ev, line) = draft.seal_with_line(seq, &prev);
+                prev = ev.hash;
+                line
+            })
+            .collect()
+    }
+
+    fn check(lines: &[String], batch: usize) -> Result<(u64, Option<String>), String> {
+        let mut checker = LineChecker::new(batch);
+        for l in lines {
+            checker.push(l).map_err(|e| e.to_string())?;
+        }
+        let checker = checker.finish().map_err(|e| e.to_string())?;
+        Ok((checker.verifier.events(), checker.problem))
+    }
+
+    /// Whatever the batch size, and wherever a bad line falls in a batch, the checker finds
+    /// what checking event by event finds: the first problem, or a corrupt store for a line
+    /// that does not decode.
+    #[test]
+    fn lines_checked_in_batches_give_the_verdict_of_one_by_one() {
+        let good = lines(20);
+        for batch in [1, 3, 7, 20, 64] {
+            assert_eq!(check(&good, batch), Ok((20, None)), "batch {batch}");
+            for bad in [0, 2, 3, 6, 13, 19] {
+                let mut spoilt = good.clone();
+                spoilt[bad] = spoilt[bad].replace("orchd", "other");
+                let want = format!("event {}: hash does not match content", bad + 1);
+                assert_eq!(check(&spoilt, batch), Ok((bad as u64, Some(want))), "batch {batch}, bad {bad}");
+                spoilt[bad].truncate(10);
+                let err = check(&spoilt, batch).unwrap_err();
+                assert!(err.contains("stored event does not decode"), "batch {batch}, bad {bad}: {err}");
+            }
+        }
+        assert_eq!(check(&[], 3), Ok((0, None)));
+        // A stored line is one line whatever bytes it holds: a newline between its members is
+        // JSON whitespace, as it was when lines were decoded one by one.
+        let mut spaced = good.clone();
+        spaced[4] = spaced[4].replacen(",", ",\n", 1);
+        assert_eq!(check(&spaced, 3), Ok((20, None)));
+    }
 }

@@ -1721,14 +1721,14 @@ impl SnapshotReader for PgSnapshot<'_, '_> {
             .collect())
     }
 
-    fn for_each_event(
+    fn for_each_event_line(
         &self,
         scope: &Scope,
         from: u64,
         to: u64,
-        f: &mut dyn FnMut(Event) -> Result<(), StoreError>,
+        f: &mut dyn FnMut(&str) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        self.each_line("SELECT line FROM history WHERE true", scope, Some((from, to)), &mut |l| f(decode_event(l)?))
+        self.each_line("SELECT line FROM history WHERE true", scope, Some((from, to)), f)
     }
 
     fn for_each_job(&self, scope: &Scope, f: &mut dyn FnMut(Job) -> Result<(), StoreError>) -> Result<(), StoreError> {

@@ -1675,15 +1675,15 @@ impl SnapshotReader for SqliteSnapshot<'_> {
         Ok(sites)
     }
 
-    fn for_each_event(
+    fn for_each_event_line(
         &self,
         scope: &Scope,
         from: u64,
         to: u64,
-        f: &mut dyn FnMut(Event) -> Result<(), StoreError>,
+        f: &mut dyn FnMut(&str) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let sql = "SELECT line FROM history WHERE seq >= ? AND seq <= ?";
-        self.each_line(sql, scope, &[from as i64, to.min(i64::MAX as u64) as i64], &mut |l| f(decode_event(l)?))
+        self.each_line(sql, scope, &[from as i64, to.min(i64::MAX as u64) as i64], f)
     }
 
     fn for_each_job(&self, scope: &Scope, f: &mut dyn FnMut(Job) -> Result<(), StoreError>) -> Result<(), StoreError> {

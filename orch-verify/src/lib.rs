@@ -277,16 +277,9 @@ fn check_chain(manifest: &Manifest, base: &[u8], history: &[u8], jobs_file: &[u8
                 );
             }
         }
-        if let Err(e) = verifier.push_read(&read) {
-            let (check, entry) = match &e {
-                orch_core::chain::ChainError::Replay(r) => ("replay", format!("event {}", r.seq)),
-                _ => ("chain", format!("event {}", ev.seq)),
-            };
-            cx.fail(check, entry, e.to_string());
-            chain_ok = false;
-            return ControlFlow::Break(());
-        }
-        // Looked up before inserting: a tenant's name is copied once, not for every event.
+        // Counted before the verifier uses the event up; if it refuses the event, the chain
+        // failed and the counts are not looked at. A tenant's name is copied once, not for
+        // every event.
         match counts.get_mut(&ev.tenant) {
             Some(n) => *n += 1,
             None => {
@@ -294,8 +287,18 @@ fn check_chain(manifest: &Manifest, base: &[u8], history: &[u8], jobs_file: &[u8
                 firsts.insert(ev.tenant.clone(), ev.hash.clone());
             }
         }
-        touched.extend(ev.job_id);
-        last = Some((ev.seq, ev.at));
+        let (seq, at, job_id) = (ev.seq, ev.at, ev.job_id);
+        if let Err(e) = verifier.push_read(read) {
+            let (check, entry) = match &e {
+                orch_core::chain::ChainError::Replay(r) => ("replay", format!("event {}", r.seq)),
+                _ => ("chain", format!("event {seq}")),
+            };
+            cx.fail(check, entry, e.to_string());
+            chain_ok = false;
+            return ControlFlow::Break(());
+        }
+        touched.extend(job_id);
+        last = Some((seq, at));
         ControlFlow::Continue(())
     });
     if chain_ok {
