@@ -277,8 +277,8 @@ pub fn replay<'a>(events: impl IntoIterator<Item = &'a Event>) -> Result<BTreeMa
 }
 
 /// [`replay_one`] for an event the caller has no more use for: a new job takes the event's spec,
-/// tenant, project and correlation id instead of copies of them. Replay of a long history is
-/// mostly creating jobs and dropping events, so this is the form a verifier uses.
+/// tenant, project and correlation id instead of copies of them. Creating a job is where replay
+/// by reference copies most (the spec with its payload), so this is the form a verifier uses.
 pub fn replay_owned(jobs: &mut BTreeMap<JobId, Job>, ev: Event) -> Result<(), ReplayError> {
     use std::collections::btree_map::Entry;
     match ev {
