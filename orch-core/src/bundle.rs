@@ -380,18 +380,7 @@ mod tests {
     #[test]
     fn keeping_unchanged_events_rechains_as_sealing_every_one_does() {
         let event = |seq: u64, tenant: &str, prev: &str, payload: Value| {
-            let spec = crate::JobSpec {
-                queue: "q".into(),
-                source: None,
-                payload,
-                priority: 0,
-                run_after: crate::Timestamp::from_millis(0),
-                max_attempts: 1,
-                idempotency_key: None,
-                run: None,
-                depends_on: Vec::new(),
-                on_parent_failure: Default::default(),
-            };
+            let spec = crate::JobSpec::for_test(payload);
             let draft = crate::EventDraft {
                 at: crate::Timestamp::from_millis(seq as i64),
                 tenant: tenant.into(),

@@ -458,19 +458,7 @@ mod tests {
         };
         for id in 1..=jobs {
             let tenant = if id % 2 == 0 { "globex" } else { "acme" };
-            let spec = JobSpec {
-                queue: "q".into(),
-                source: None,
-                payload: serde_json::json!({"n": id}),
-                priority: 0,
-                run_after: Timestamp::from_millis(0),
-                max_attempts: 3,
-                idempotency_key: None,
-                run: None,
-                depends_on: Vec::new(),
-                on_parent_failure: Default::default(),
-            };
-            seal(tenant, id, EventKind::Enqueued(spec));
+            seal(tenant, id, EventKind::Enqueued(JobSpec::for_test(serde_json::json!({"n": id}))));
             let lease_id = format!("l{id}");
             let lease_expires_at = Timestamp::from_millis(1 << 40);
             seal(

@@ -196,6 +196,25 @@ pub struct Job {
 }
 
 #[cfg(test)]
+impl JobSpec {
+    /// A spec for tests: queue `q`, this payload, three attempts, nothing else set.
+    pub(crate) fn for_test(payload: Value) -> JobSpec {
+        JobSpec {
+            queue: "q".into(),
+            source: None,
+            payload,
+            priority: 0,
+            run_after: Timestamp::from_millis(0),
+            max_attempts: 3,
+            idempotency_key: None,
+            run: None,
+            depends_on: Vec::new(),
+            on_parent_failure: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -345,18 +345,7 @@ mod tests {
     }
 
     fn history() -> Vec<Event> {
-        let spec = JobSpec {
-            queue: "q".into(),
-            source: None,
-            payload: serde_json::json!({"n": 1}),
-            priority: 0,
-            run_after: Timestamp::from_millis(0),
-            max_attempts: 3,
-            idempotency_key: None,
-            run: None,
-            depends_on: Vec::new(),
-            on_parent_failure: Default::default(),
-        };
+        let spec = JobSpec::for_test(serde_json::json!({"n": 1}));
         vec![
             event(1, 10, EventKind::Enqueued(spec)),
             claimed(2, 20, "l1", 1),
