@@ -513,6 +513,12 @@ fn main() -> anyhow::Result<()> {
             row(&format!("HTTP claim+ack, 1 per request, {w} workers"), single, peak, "/s", None);
             row("  orchd CPU per job, 1 per request, us", single, cpu.daemon_us, "us", None);
             row("  client CPU per job, 1 per request, us", single, cpu.client_us, "us", None);
+            // More workers than cores: the daemon's writes queue, and commit together.
+            let many = (w * 4).max(16);
+            d.enqueue("http", single)?;
+            let (rate, cpu) = http::cpu_per_job(&d, single, || d.work("http", single, many, 1))?;
+            row(&format!("HTTP claim+ack, 1 per request, {many} workers"), single, rate, "/s", None);
+            row(&format!("  orchd CPU per job, {many} workers, us"), single, cpu.daemon_us, "us", None);
             let (p50, p99) = d.latency("latency", peak / 2.0, 5.0, w)?;
             row("HTTP enqueue->claim p50 at half peak, ms", 0, p50, "ms", None);
             row("HTTP enqueue->claim p99 at half peak, ms", 0, p99, "ms", None);

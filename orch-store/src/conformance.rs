@@ -846,6 +846,70 @@ pub fn listing_filters(h: Harness) {
     assert_eq!(events(HistoryFilter { before: Some(mid), ..Default::default() }), vec![enq(ja), enq(jb)]);
 }
 
+/// Workers of two tenants enqueue, claim, ack and fail at once from several threads, with
+/// refused requests among them: each job ends exactly once, a refusal leaves nothing behind,
+/// and the history replays to the jobs (the SQLite backend commits such writers together).
+pub fn concurrent_writers(h: Harness) {
+    const THREADS: usize = 6;
+    const JOBS: usize = 40;
+    let ended = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|w| {
+                let (store, tenant) = (&h.store, if w % 2 == 0 { "acme" } else { "globex" });
+                s.spawn(move || {
+                    let scope = t(tenant);
+                    let mut ended = Vec::new();
+                    for i in 0..JOBS {
+                        let bad = NewJob::new(tenant, "p", "bad queue", json!({}));
+                        assert!(matches!(store.enqueue("test", vec![bad]), Err(StoreError::Invalid(_))));
+                        let job = NewJob::new(tenant, "p", &format!("q{w}"), json!({"w": w, "i": i}));
+                        store.enqueue("test", vec![job]).unwrap();
+                        let req = ClaimRequest {
+                            scope: scope.clone(),
+                            queues: vec![format!("q{w}")],
+                            worker: format!("w{w}"),
+                            limit: 1,
+                            lease_ms: None,
+                        };
+                        let got = store.claim(&req).unwrap();
+                        assert_eq!(got.len(), 1, "the job this worker enqueued is ready");
+                        let (id, lease) = (got[0].job.id, got[0].job.lease.clone().unwrap().id);
+                        let stale = Ack { lease_id: "not-the-lease".into(), artifacts: vec![] };
+                        assert!(matches!(store.ack(&scope, id, stale), Err(StoreError::LeaseLost { .. })));
+                        let done = if i % 4 == 3 {
+                            let failure = Failure {
+                                lease_id: lease,
+                                class: "boom".into(),
+                                message: "failed on purpose".into(),
+                                retryable: false,
+                                retry_after_ms: None,
+                            };
+                            store.fail(&scope, id, failure).unwrap()
+                        } else {
+                            store.ack(&scope, id, Ack { lease_id: lease, artifacts: vec![] }).unwrap()
+                        };
+                        ended.push((id, done.state));
+                    }
+                    ended
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect::<Vec<_>>()
+    });
+    assert_eq!(ended.len(), THREADS * JOBS);
+    let ids: std::collections::BTreeSet<JobId> = ended.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids.len(), ended.len(), "every job was claimed once");
+    for (id, state) in &ended {
+        let tenant = h.store.job(&Scope::All, *id).unwrap().tenant;
+        assert_eq!(h.store.job(&t(&tenant), *id).unwrap().state, *state);
+    }
+    let stats = h.store.stats(&Scope::All).unwrap();
+    assert_eq!(stats.events, (THREADS * JOBS * 3) as u64, "enqueued, claimed and ended: nothing else");
+    let count = |state: &str| stats.by_state.get(state).copied().unwrap_or(0);
+    assert_eq!((count("succeeded"), count("dead")), ((THREADS * JOBS * 3 / 4) as u64, (THREADS * JOBS / 4) as u64));
+    assert_ledger_ok(&h);
+}
+
 /// Expands to one `#[test]` per conformance case for a backend, given an [`Opener`] expression;
 /// optionally a function that says why the backend cannot be tested here (`skip = f`: when it
 /// gives `Some(reason)`, each case prints it and passes without testing) and how many random
@@ -863,7 +927,8 @@ macro_rules! store_conformance {
             enqueue_claim_heartbeat_ack, fail_retry_dead_letter, lease_expiry_reclaim,
             idempotent_enqueue, stale_lease_rejected, claim_order_and_run_after,
             tenant_isolation, bad_input_changes_nothing, cancel_and_conflicts, pagination,
-            dag_dependencies, claim_gate, incidents_reconcile, ack_many_item_by_item, listing_filters, stuck_jobs);
+            dag_dependencies, claim_gate, incidents_reconcile, ack_many_item_by_item, listing_filters, stuck_jobs,
+            concurrent_writers);
 
         proptest::proptest! {
             #![proptest_config(proptest::prelude::ProptestConfig::with_cases($cases))]

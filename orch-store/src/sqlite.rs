@@ -1,5 +1,6 @@
-//! The SQLite backend: one file in WAL mode, numbered migrations, one writer connection and a
-//! small pool of readers. All SQL of the SQLite backend lives in this module.
+//! The SQLite backend: one file in WAL mode, numbered migrations, one writer connection whose
+//! concurrent write calls commit together ([`group`]), and a small pool of readers. All SQL of
+//! the SQLite backend lives in this module.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,9 @@ use crate::ledger::{
 };
 use crate::types::*;
 use crate::{SnapshotReader, Store, StoreError};
+
+mod group;
+use group::GroupCommit;
 
 /// The schema version this build writes (SQLite `user_version`).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -47,7 +51,7 @@ pub enum Synchronous {
 /// A ledger in one SQLite file.
 pub struct SqliteStore {
     path: PathBuf,
-    writer: Mutex<Connection>,
+    writer: GroupCommit,
     /// [`Store::token_stamp`]: moves on every token write of this store and whenever the
     /// writer's `data_version` shows a commit by another connection.
     token_epoch: std::sync::atomic::AtomicU64,
@@ -202,7 +206,7 @@ impl SqliteStore {
         let version = data_version(&writer)?;
         Ok(SqliteStore {
             path,
-            writer: Mutex::new(writer),
+            writer: GroupCommit::new(writer),
             token_epoch: Default::default(),
             seen_version: version.into(),
             checked: Default::default(),
@@ -224,24 +228,30 @@ impl SqliteStore {
         &self.opts
     }
 
-    /// Runs `f` in one immediate (write-locked) transaction; commits only if it succeeds.
+    /// Runs `f` in a savepoint of the writer's transaction, shared with the write calls queued
+    /// at the same time (see [`group`]); returns once that transaction has committed, or at once
+    /// if `f` fails, with nothing of `f` written.
     fn write<T>(
         &self,
         f: impl FnOnce(&mut Writer<'_, SqliteTx<'_>>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let conn = lock(&self.writer);
-        let tx = WriteTx::begin(&conn)?;
-        // With SQLite's write lock held, no other connection commits until this one does:
-        // take in the commits that came before, so token_stamp can answer meanwhile.
-        let checked = self.note_version(&conn).is_ok().then(|| Checked::set(&self.checked));
-        let mut stx = SqliteTx(&conn);
-        let mut w = Writer::new(&mut stx, self.clock.now(), &self.opts);
-        let out = f(&mut w)?;
-        w.finish()?;
-        drop(checked);
-        tx.commit()?;
-        self.checkpointer.committed();
-        Ok(out)
+        use std::sync::atomic::Ordering::SeqCst;
+        self.writer.run(
+            // With SQLite's write lock held, no other connection commits until this group
+            // does: take in the commits that came before, so token_stamp can answer meanwhile.
+            |conn| self.checked.store(self.note_version(conn).is_ok(), SeqCst),
+            || {
+                self.checked.store(false, SeqCst);
+                self.checkpointer.committed();
+            },
+            |conn| {
+                let mut stx = SqliteTx(conn);
+                let mut w = Writer::new(&mut stx, self.clock.now(), &self.opts);
+                let out = f(&mut w)?;
+                w.finish()?;
+                Ok(out)
+            },
+        )
     }
 
     /// Runs `f` with a [`crate::copy::Dump`] of this ledger: every row of a table of
@@ -311,54 +321,6 @@ impl SqliteStore {
             pool.push(conn);
         }
         out
-    }
-}
-
-/// A write transaction (`BEGIN IMMEDIATE`) on the writer connection, rolled back if dropped
-/// before [`commit`](Self::commit). Unlike rusqlite's `Transaction`, which prepares `BEGIN` and
-/// `COMMIT` anew each time, it takes both from the connection's statement cache: with one job
-/// per transaction, parsing them was about 5 % of the work.
-struct WriteTx<'c> {
-    conn: &'c Connection,
-    committed: bool,
-}
-
-impl<'c> WriteTx<'c> {
-    fn begin(conn: &'c Connection) -> rusqlite::Result<WriteTx<'c>> {
-        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        Ok(WriteTx { conn, committed: false })
-    }
-
-    fn commit(mut self) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("COMMIT")?.execute([])?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for WriteTx<'_> {
-    fn drop(&mut self) {
-        // Also after a failed COMMIT, which may leave the transaction open (SQLite rolls some
-        // errors back itself; then this finds no transaction, which is fine).
-        if !self.committed {
-            let _ = self.conn.execute_batch("ROLLBACK");
-        }
-    }
-}
-
-/// Sets a flag for as long as it lives.
-struct Checked<'a>(&'a std::sync::atomic::AtomicBool);
-
-impl<'a> Checked<'a> {
-    fn set(flag: &'a std::sync::atomic::AtomicBool) -> Checked<'a> {
-        flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        Checked(flag)
-    }
-}
-
-impl Drop for Checked<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -1068,9 +1030,9 @@ impl Store for SqliteStore {
     fn token_stamp(&self) -> Option<u64> {
         use std::sync::atomic::Ordering::SeqCst;
         match self.writer.try_lock() {
-            Ok(conn) => self.note_version(&conn).ok()?,
-            Err(std::sync::TryLockError::WouldBlock) if self.checked.load(SeqCst) => {}
-            Err(_) => return None,
+            Some(slot) => self.note_version(&slot.conn).ok()?,
+            None if self.checked.load(SeqCst) => {}
+            None => return None,
         }
         Some(self.token_epoch.load(SeqCst))
     }
