@@ -228,9 +228,9 @@ impl SqliteStore {
         &self.opts
     }
 
-    /// Runs `f` in a savepoint of the writer's transaction, shared with the write calls queued
-    /// at the same time (see [`group`]); returns once that transaction has committed, or at once
-    /// if `f` fails, with nothing of `f` written.
+    /// Runs `f` in the writer's transaction, which the write calls queued at the same time share
+    /// (see [`group`]); returns once that transaction has committed, or at once if `f` fails,
+    /// with nothing of `f` written.
     fn write<T>(
         &self,
         f: impl FnOnce(&mut Writer<'_, SqliteTx<'_>>) -> Result<T, StoreError>,

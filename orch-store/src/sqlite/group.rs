@@ -1,5 +1,5 @@
 //! Group commit for the SQLite writer. A write call that finds others queued behind it leaves
-//! its transaction open for them: each call runs in a savepoint of its own inside the one
+//! its transaction open for them: each of them runs in a savepoint of its own inside the one
 //! transaction, and the call that finds no one behind it (or the group full) commits. Every call
 //! that succeeded is answered only once the commit has happened, with the commit's outcome, so a
 //! caller never sees a result that is not durable; a call that fails is answered at once, its
