@@ -83,6 +83,10 @@ pub enum StoreError {
         /// The schema.
         schema: String,
     },
+    /// The call would have had to wait, inside [`crate::wait::without_waiting`]; it wrote
+    /// nothing and may run again where waiting is allowed.
+    #[error("the store is busy and this call may not wait")]
+    WouldWait,
     /// The SQLite database refused an operation.
     #[error("database error: {0}")]
     Backend(#[from] rusqlite::Error),
@@ -103,6 +107,7 @@ impl StoreError {
             StoreError::NotALedger { .. } | StoreError::NotALedgerSchema { .. } => "not_a_ledger",
             StoreError::SchemaTooNew { .. } => "schema_too_new",
             StoreError::Corrupt(_) => "corrupt_ledger",
+            StoreError::WouldWait => "busy",
             StoreError::Backend(e) => match e.sqlite_error_code() {
                 Some(rusqlite::ErrorCode::DiskFull) => "storage_full",
                 Some(rusqlite::ErrorCode::ReadOnly) => "read_only",

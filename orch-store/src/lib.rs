@@ -6,7 +6,8 @@
 //!
 //! Every state change goes through [`orch_core::apply`] and is written together with its
 //! hash-chained history event in one transaction: a job row is always what its events say.
-//! Methods are synchronous; async callers run them on a blocking thread.
+//! Methods are synchronous; async callers run them on a blocking thread, or in place where
+//! nothing can make them wait (see [`wait`]).
 #![deny(missing_docs)]
 
 mod copy;
@@ -16,6 +17,7 @@ mod location;
 mod pg;
 mod sqlite;
 mod types;
+pub mod wait;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

@@ -356,6 +356,10 @@ impl PgStore {
 
     /// Runs `f` on a pooled connection.
     fn with_conn<R>(&self, f: impl FnOnce(&mut Conn) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        // Every call waits for the server.
+        if !crate::wait::allowed() {
+            return Err(StoreError::WouldWait);
+        }
         off_runtime(|| {
             let pooled = lock(&self.pool).pop();
             let mut conn = match pooled {

@@ -17,6 +17,7 @@ use crate::ledger::{
     new_token,
 };
 use crate::types::*;
+use crate::wait;
 use crate::{SnapshotReader, Store, StoreError};
 
 mod group;
@@ -139,7 +140,7 @@ fn open_connection(path: &Path, create: bool, sync: Synchronous) -> Result<Conne
         flags |= OpenFlags::SQLITE_OPEN_CREATE;
     }
     let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e))?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.busy_handler(Some(busy))?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| classify(path, e))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Invalid(format!("{}: cannot switch to WAL mode (got {mode})", path.display())));
@@ -155,6 +156,38 @@ fn open_connection(path: &Path, create: bool, sync: Synchronous) -> Result<Conne
     // index's condition could match, which the claim query did on every claim.
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(conn)
+}
+
+/// How long a call waits for another process's lock on the ledger before it fails as `busy`.
+const BUSY_TIMEOUT_MS: u64 = 10_000;
+
+/// The connections' busy handler: waits for another connection's lock with SQLite's own
+/// back-off (what `busy_timeout` does) for up to [`BUSY_TIMEOUT_MS`], and not at all inside
+/// [`wait::without_waiting`].
+fn busy(retries: i32) -> bool {
+    const DELAYS_MS: [u64; 12] = [1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100];
+    if !wait::allowed() {
+        return false;
+    }
+    let n = usize::try_from(retries).unwrap_or(0);
+    let waited = DELAYS_MS.iter().take(n).sum::<u64>() + n.saturating_sub(DELAYS_MS.len()) as u64 * 100;
+    let delay = DELAYS_MS.get(n).copied().unwrap_or(100).min(BUSY_TIMEOUT_MS.saturating_sub(waited));
+    if delay == 0 {
+        return false;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(delay));
+    true
+}
+
+/// A busy database met inside [`wait::without_waiting`] is a call that would have waited.
+fn deferred(e: StoreError) -> StoreError {
+    let busy = matches!(&e, StoreError::Backend(b)
+        if matches!(b.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)));
+    if busy && !wait::allowed() {
+        StoreError::WouldWait
+    } else {
+        e
+    }
 }
 
 /// Turns "file is not a database" into an error that names the file.
@@ -236,22 +269,24 @@ impl SqliteStore {
         f: impl FnOnce(&mut Writer<'_, SqliteTx<'_>>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
-        self.writer.run(
-            // With SQLite's write lock held, no other connection commits until this group
-            // does: take in the commits that came before, so token_stamp can answer meanwhile.
-            |conn| self.checked.store(self.note_version(conn).is_ok(), SeqCst),
-            || {
-                self.checked.store(false, SeqCst);
-                self.checkpointer.committed();
-            },
-            |conn| {
-                let mut stx = SqliteTx(conn);
-                let mut w = Writer::new(&mut stx, self.clock.now(), &self.opts);
-                let out = f(&mut w)?;
-                w.finish()?;
-                Ok(out)
-            },
-        )
+        self.writer
+            .run(
+                // With SQLite's write lock held, no other connection commits until this group
+                // does: take in the commits that came before, so token_stamp can answer meanwhile.
+                |conn| self.checked.store(self.note_version(conn).is_ok(), SeqCst),
+                || {
+                    self.checked.store(false, SeqCst);
+                    self.checkpointer.committed();
+                },
+                |conn| {
+                    let mut stx = SqliteTx(conn);
+                    let mut w = Writer::new(&mut stx, self.clock.now(), &self.opts);
+                    let out = f(&mut w)?;
+                    w.finish()?;
+                    Ok(out)
+                },
+            )
+            .map_err(deferred)
     }
 
     /// Runs `f` with a [`crate::copy::Dump`] of this ledger: every row of a table of
@@ -320,7 +355,7 @@ impl SqliteStore {
         if pool.len() < 8 {
             pool.push(conn);
         }
-        out
+        out.map_err(deferred)
     }
 }
 

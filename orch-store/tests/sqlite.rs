@@ -103,3 +103,26 @@ fn a_background_thread_checkpoints_the_wal() {
     assert_eq!(in_file(), 50);
     drop(s);
 }
+
+#[test]
+fn a_call_that_may_not_wait_gives_way_to_another_process_lock_and_writes_nothing() {
+    use orch_store::{wait, Scope};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let s = SqliteStore::open(&path, clock(), StoreOptions::default(), Synchronous::Normal).unwrap();
+    let job = || vec![orch_store::NewJob::new("acme", "p", "q", serde_json::json!({}))];
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let refused = wait::without_waiting(|| s.enqueue("t", job()));
+    assert!(matches!(refused, Err(StoreError::WouldWait)), "{refused:?}");
+    assert_eq!(wait::without_waiting(|| s.stats(&Scope::All)).unwrap().events, 0, "reads go on");
+    std::thread::scope(|t| {
+        let waiting = t.spawn(|| s.enqueue("t", job()));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!waiting.is_finished(), "a call that may wait waits for the other connection's lock");
+        other.execute_batch("COMMIT").unwrap();
+        assert_eq!(waiting.join().unwrap().unwrap().len(), 1);
+    });
+    assert_eq!(s.stats(&Scope::All).unwrap().events, 1, "the refused call wrote nothing");
+    assert!(orch_store::check_ledger(&s).unwrap().ok());
+}

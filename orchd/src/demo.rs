@@ -138,10 +138,9 @@ async fn work_once(st: &AppState) -> Result<(), orch_store::StoreError> {
                 retryable: true,
                 retry_after_ms: Some(500),
             };
-            let (class, message) = (f.class.clone(), f.message.clone());
+            let outcome = crate::flow::Outcome::failed(&f);
             let after = st.blocking(move |s| s.fail(&scope, job.id, f)).await?;
-            let outcome = crate::flow::Outcome::Failed { class: &class, message: &message, retry_after_ms: Some(500) };
-            crate::flow::observe(st, &after, outcome).await;
+            crate::flow::observe(st, &[&after], outcome).await;
             tracing::info!(job.id = job.id, state = after.state.as_str(), "demo job failed, will retry");
         } else {
             let content = serde_json::to_vec(&json!({"job": job.id, "records": job.id * 7 % 100})).unwrap_or_default();
@@ -154,7 +153,7 @@ async fn work_once(st: &AppState) -> Result<(), orch_store::StoreError> {
                 }],
             };
             let done = st.blocking(move |s| s.ack(&scope, job.id, ack)).await?;
-            crate::flow::observe(st, &done, crate::flow::Outcome::Succeeded).await;
+            crate::flow::observe(st, &[&done], crate::flow::Outcome::Succeeded).await;
             tracing::info!(job.id = job.id, tenant = %job.tenant, queue = %job.spec.queue, "demo job succeeded");
         }
     }

@@ -348,18 +348,26 @@ pub struct FlowControl {
 }
 
 /// What a worker reported about a job, as flow control sees it.
-pub enum Outcome<'a> {
+#[derive(Clone, Debug)]
+pub enum Outcome {
     /// The job succeeded.
     Succeeded,
     /// An attempt failed.
     Failed {
         /// The worker's error class.
-        class: &'a str,
+        class: String,
         /// Its message.
-        message: &'a str,
+        message: String,
         /// The upstream's `Retry-After`, if the worker passed it on.
         retry_after_ms: Option<u64>,
     },
+}
+
+impl Outcome {
+    /// What a worker's failure report tells flow control.
+    pub fn failed(f: &orch_store::Failure) -> Outcome {
+        Outcome::Failed { class: f.class.clone(), message: f.message.clone(), retry_after_ms: f.retry_after_ms }
+    }
 }
 
 fn record(
@@ -461,7 +469,7 @@ impl FlowControl {
 
     /// Takes in what a worker reported: upstream throttling lowers the host's refill, success
     /// restores it, and the host's breaker counts the outcome.
-    pub fn observe(&mut self, job: &Job, outcome: Outcome<'_>, now: Timestamp) {
+    pub fn observe(&mut self, job: &Job, outcome: &Outcome, now: Timestamp) {
         let Some(source) = &job.spec.source else { return };
         let host = self.rules.host_of(&job.tenant, source);
         let key = BucketKey { tenant: job.tenant.clone(), id: format!("host:{host}") };
@@ -469,6 +477,7 @@ impl FlowControl {
             Outcome::Succeeded => (true, false, None, String::new()),
             Outcome::Failed { class, message, retry_after_ms } => {
                 let cluster = classify(class, message);
+                let retry_after_ms = *retry_after_ms;
                 let upstream = matches!(cluster, Cluster::Http429 | Cluster::Http5xx);
                 (false, upstream, retry_after_ms, format!("upstream {}", cluster.as_str()))
             }
@@ -804,58 +813,55 @@ pub(crate) fn lock(flow: &std::sync::Mutex<FlowControl>) -> std::sync::MutexGuar
     flow.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Claims through the daemon's flow control.
+/// Claims through the daemon's flow control. The flow lock is held through the claim's
+/// transaction: the gate's counts are the ledger's.
 pub async fn claim(st: &AppState, req: ClaimRequest) -> Result<Vec<Allocation>, StoreError> {
     let (flow, clock) = (st.flow.clone(), st.clock.clone());
-    st.blocking(move |s| {
-        let mut flow = lock(&flow);
+    let single = req.limit <= 1;
+    let claim = move |s: &dyn Store| {
+        let mut flow = orch_store::wait::lock(&flow)?;
         let mut gate = flow.gate(clock.now());
         s.claim_gated(&req, &mut gate)
-    })
-    .await
+    };
+    if single {
+        st.call(claim).await
+    } else {
+        st.blocking(claim).await
+    }
 }
 
-/// Feeds a worker's report to flow control; returns the throttle records it made, to write.
-fn feed(flow: &std::sync::Mutex<FlowControl>, now: Timestamp, job: &Job, outcome: Outcome<'_>) -> Vec<ThrottleRecord> {
-    let mut flow = lock(flow);
-    flow.observe(job, outcome, now);
-    flow.take_pending()
-}
-
-/// Feeds a worker's report to flow control and writes the records it made.
-pub async fn observe(st: &AppState, job: &Job, outcome: Outcome<'_>) {
-    let records = feed(&st.flow, st.clock.now(), job, outcome);
+/// Feeds workers' reports on `jobs` to flow control and writes the records it made. In place if
+/// the flow lock is free; a claim holds it through its transaction, so if it is not, on the
+/// blocking pool, where waiting for it holds up no request but this one.
+pub async fn observe(st: &AppState, jobs: &[&Job], outcome: Outcome) {
+    fn feed(flow: &mut FlowControl, now: Timestamp, jobs: &[&Job], outcome: &Outcome) -> Vec<ThrottleRecord> {
+        for job in jobs {
+            flow.observe(job, outcome, now);
+        }
+        flow.take_pending()
+    }
+    let now = st.clock.now();
+    let fed = orch_store::wait::without_waiting(|| orch_store::wait::lock(&st.flow))
+        .map(|mut flow| feed(&mut flow, now, jobs, &outcome));
+    let records = match fed {
+        Ok(records) => records,
+        Err(_) => {
+            let (flow, owned) = (st.flow.clone(), jobs.iter().map(|&j| j.clone()).collect::<Vec<Job>>());
+            let fed = tokio::task::spawn_blocking(move || {
+                let jobs: Vec<&Job> = owned.iter().collect();
+                feed(&mut lock(&flow), now, &jobs, &outcome)
+            });
+            match fed.await {
+                Ok(records) => records,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        }
+    };
     if records.is_empty() {
         return;
     }
-    if let Err(e) = st.blocking(move |s| s.record_throttles(records)).await {
+    if let Err(e) = st.call(move |s| s.record_throttles(records.clone())).await {
         tracing::warn!(error = %e, "throttle records could not be written");
-    }
-}
-
-/// [`observe`] on the blocking pool, right after the store call that reported `job`: one hop
-/// for both, and no async thread waits for the flow lock (which a claim holds through its
-/// transaction).
-pub fn observe_blocking(obs: &Observer, s: &dyn Store, job: &Job, outcome: Outcome<'_>) {
-    let records = feed(&obs.flow, obs.clock.now(), job, outcome);
-    if records.is_empty() {
-        return;
-    }
-    if let Err(e) = s.record_throttles(records) {
-        tracing::warn!(error = %e, "throttle records could not be written");
-    }
-}
-
-/// What [`observe_blocking`] needs of the state, to move into a blocking closure.
-pub struct Observer {
-    flow: std::sync::Arc<std::sync::Mutex<FlowControl>>,
-    clock: std::sync::Arc<dyn orch_core::Clock>,
-}
-
-impl Observer {
-    /// The state's flow control and clock.
-    pub fn of(st: &AppState) -> Observer {
-        Observer { flow: st.flow.clone(), clock: st.clock.clone() }
     }
 }
 
@@ -889,7 +895,7 @@ pub async fn depth(st: &AppState, tenant: &str, queue: Option<&str>, bound: u64)
         }
     }
     let (t, q) = key.clone();
-    let n = st.blocking(move |s| s.queued(&t, q.as_deref(), bound.saturating_add(1))).await?;
+    let n = st.call(move |s| s.queued(&t, q.as_deref(), bound.saturating_add(1))).await?;
     lock(&st.flow).depths.insert(key, (n, now));
     Ok(n)
 }

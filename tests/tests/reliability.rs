@@ -1,6 +1,8 @@
 //! The daemon at the edge of its resources: a full disk refuses writes with a clear error and
 //! loses nothing, and recovers when space is freed; an immutable ledger file stops the daemon
-//! before it starts; a ledger file damaged on disk is reported, not crashed on. The first two
+//! before it starts; a ledger file damaged on disk is reported, not crashed on; while another
+//! process holds the ledger's write lock, writes wait for it and everything else answers. The
+//! first two
 //! need a tmpfs mount and `chattr` (root with the capabilities); where they are not available
 //! the test says so and skips, unless `ORCH_REQUIRE_MOUNT` is set.
 
@@ -176,4 +178,47 @@ fn a_damaged_ledger_file_is_reported_not_crashed_on() {
     assert_eq!(api.get("/healthz").status, 200, "the daemon is still up");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn while_another_process_holds_the_write_lock_writes_wait_and_the_control_plane_answers() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("orchd.db");
+    let tok = token(&db, "acme", "orch:work,orch:read");
+    let daemon = Daemon::start(&db, &[]);
+    let c = Client::new(&daemon.url, Some(&tok));
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Far more waiting writes than the daemon has async threads: none of them may hold one.
+    let writes: u64 = 64;
+    let (done_tx, done_rx) = mpsc::channel();
+    for i in 0..writes {
+        let (c, done) = (c.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            let r = c.post("/api/v1/jobs", &json!({"queue": "q", "payload": {"i": i}}));
+            let _ = done.send((r.status, r.json));
+        });
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (answer_tx, answer_rx) = mpsc::channel();
+    let reader = c.clone();
+    std::thread::spawn(move || {
+        let _ = answer_tx.send((reader.get("/healthz").status, reader.get("/api/v1/stats").status));
+    });
+    let answered = answer_rx.recv_timeout(Duration::from_secs(5));
+    let early = done_rx.try_recv().ok();
+    other.execute_batch("COMMIT").unwrap();
+    assert_eq!(answered, Ok((200, 200)), "health and reads answer while writes wait for the lock");
+    assert_eq!(early, None, "no write returned while the lock was held");
+    for _ in 0..writes {
+        let (status, body) = done_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        assert_eq!(status, 201, "each write went through once the lock was released: {body}");
+    }
+    let stats = c.get("/api/v1/stats");
+    assert_eq!(stats.json["jobs"]["queued"].as_u64(), Some(writes), "{:?}", stats.json);
+    daemon.stop();
+    let (code, out, err) = run("orchd", &["check", "--db", db.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
 }

@@ -17,7 +17,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, TryLockError};
 use rusqlite::{ffi, Connection};
 
 use super::lock;
-use crate::StoreError;
+use crate::{wait, StoreError};
 
 /// The most write calls one transaction takes: bounds how long the first waits for its commit.
 pub(super) const MAX_GROUP: usize = 32;
@@ -101,16 +101,29 @@ impl GroupCommit {
 
     /// Runs `call` in the current group, beginning one (`BEGIN IMMEDIATE`, then `begun` with
     /// the connection) if none is open. Returns once the group has committed, or at once if the
-    /// call failed. `ending` runs just before a group commits or rolls back.
+    /// call failed. `ending` runs just before a group commits or rolls back. Inside
+    /// [`wait::without_waiting`], fails with [`StoreError::WouldWait`] if another call holds
+    /// or waits for the writer, and commits at the end of its own call.
     pub fn run<T>(
         &self,
         begun: impl FnOnce(&Connection),
         ending: impl FnOnce(),
         call: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.waiting.fetch_add(1, SeqCst);
-        let mut slot = lock(&self.slot);
-        self.waiting.fetch_sub(1, SeqCst);
+        // A call that may not wait takes the writer only if it is free and no call is queued
+        // for it (it would starve them: a mutex is not fair), and ends the group itself: it
+        // never waits for others, nor makes others wait for it.
+        let may_wait = wait::allowed();
+        let mut slot = if may_wait {
+            self.waiting.fetch_add(1, SeqCst);
+            let slot = lock(&self.slot);
+            self.waiting.fetch_sub(1, SeqCst);
+            slot
+        } else if self.waiting.load(SeqCst) > 0 {
+            return Err(StoreError::WouldWait);
+        } else {
+            wait::lock(&self.slot)?
+        };
         if slot.open.is_none() {
             exec(&slot.conn, "BEGIN IMMEDIATE")?;
             begun(&slot.conn);
@@ -123,7 +136,7 @@ impl GroupCommit {
         let open = slot.open.as_mut().expect("a group is open");
         open.calls += 1;
         let id = open.id;
-        if alive && open.calls < MAX_GROUP && self.waiting.load(SeqCst) > 0 {
+        if alive && may_wait && open.calls < MAX_GROUP && self.waiting.load(SeqCst) > 0 {
             // Others are queued: the last of them commits for all.
             if matches!(out, Ok(Ok(_))) {
                 open.waiters += 1;
@@ -403,5 +416,62 @@ mod tests {
         assert!(answers.iter().all(|(out, _)| matches!(out, Ok(Ok(())))));
         assert_eq!(groups, 2);
         assert_eq!(committed(&dir), names);
+    }
+
+    #[test]
+    fn a_call_that_may_not_wait_is_refused_while_the_writer_is_held_and_ends_its_own_group() {
+        let (dir, g) = setup();
+        let g = &g;
+        let (release, released) = mpsc::channel::<()>();
+        std::thread::scope(|s| {
+            let (started, running) = mpsc::channel();
+            let holder = s.spawn(move || {
+                g.run(
+                    |_| {},
+                    || {},
+                    move |c| {
+                        started.send(()).unwrap();
+                        released.recv().unwrap();
+                        insert(c, "a")
+                    },
+                )
+            });
+            running.recv_timeout(Duration::from_secs(10)).unwrap();
+            let (answer, answered) = mpsc::channel();
+            s.spawn(move || {
+                let out = wait::without_waiting(|| g.run(|_| {}, || {}, |c| insert(c, "x")));
+                answer.send(out).unwrap();
+            });
+            let refused = answered.recv_timeout(Duration::from_secs(10));
+            release.send(()).unwrap();
+            assert!(matches!(refused, Ok(Err(StoreError::WouldWait))), "answered at once: {refused:?}");
+            holder.join().unwrap().unwrap();
+        });
+        assert_eq!(committed(&dir), ["a"], "the refused call wrote nothing");
+
+        // With another call queued behind it, a call that may not wait commits anyway rather
+        // than wait for that one: the one behind begins a transaction of its own.
+        std::thread::scope(|s| {
+            let (started, running) = mpsc::channel();
+            let first = s.spawn(move || {
+                wait::without_waiting(|| {
+                    g.run(
+                        |_| {},
+                        || {},
+                        move |c| {
+                            started.send(()).unwrap();
+                            until_queued(g, 1);
+                            insert(c, "b")
+                        },
+                    )
+                })
+            });
+            running.recv_timeout(Duration::from_secs(10)).unwrap();
+            let behind = s.spawn(move || g.run(|_| {}, || {}, |c| insert(c, "c")));
+            first.join().unwrap().unwrap();
+            behind.join().unwrap().unwrap();
+        });
+        assert_eq!(committed(&dir), ["a", "b", "c"]);
+        assert_eq!(lock(&g.slot).last_id, 3, "three groups: a, b and c");
     }
 }

@@ -83,7 +83,7 @@ impl From<StoreError> for ApiError {
             StoreError::LeaseLost { .. } | StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             // The database cannot serve the call now: say so plainly; the transaction rolled back.
-            StoreError::Backend(_) | StoreError::Postgres(_) | StoreError::Corrupt(_) => {
+            StoreError::Backend(_) | StoreError::Postgres(_) | StoreError::Corrupt(_) | StoreError::WouldWait => {
                 let (status, message, retry) = match e.code() {
                     "storage_full" => (
                         StatusCode::INSUFFICIENT_STORAGE,

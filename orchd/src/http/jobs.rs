@@ -343,7 +343,7 @@ pub async fn enqueue(
     let job = body.into_new_job(&tenant);
     super::flow::check_backpressure(&st, &tenant, std::slice::from_ref(&job)).await?;
     let actor = p.actor.clone();
-    let mut out = st.blocking(move |s| s.enqueue(&actor, vec![job])).await?;
+    let mut out = st.call(move |s| s.enqueue(&actor, vec![job.clone()])).await?;
     let e = out.pop().ok_or_else(|| ApiError::internal("enqueue returned nothing"))?;
     let status = if e.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(EnqueuedOut { job: e.job, created: e.created })).into_response())
@@ -429,7 +429,7 @@ pub async fn heartbeat(
         progress: body.progress,
         extend_ms: body.extend_seconds.map(|s| s.saturating_mul(1000)),
     };
-    let job = st.blocking(move |s| s.heartbeat(&scope, id, hb)).await?;
+    let job = st.call(move |s| s.heartbeat(&scope, id, hb.clone())).await?;
     Ok(Json(JobOut { job }))
 }
 
@@ -463,14 +463,8 @@ pub async fn ack(
     p.require(&[WORK])?;
     let scope = p.scope();
     let ack = Ack { lease_id: body.lease_id, artifacts: artifacts(body.artifacts)? };
-    let obs = crate::flow::Observer::of(&st);
-    let job = st
-        .blocking(move |s| {
-            let job = s.ack(&scope, id, ack)?;
-            crate::flow::observe_blocking(&obs, s, &job, crate::flow::Outcome::Succeeded);
-            Ok(job)
-        })
-        .await?;
+    let job = st.call(move |s| s.ack(&scope, id, ack.clone())).await?;
+    crate::flow::observe(&st, &[&job], crate::flow::Outcome::Succeeded).await;
     Ok(Json(JobOut { job }))
 }
 
@@ -493,16 +487,9 @@ pub async fn ack_batch(
         acks.push((item.job_id, Ack { lease_id: item.lease_id, artifacts: artifacts(item.artifacts)? }));
     }
     let ids: Vec<JobId> = acks.iter().map(|(id, _)| *id).collect();
-    let obs = crate::flow::Observer::of(&st);
-    let results = st
-        .blocking(move |s| {
-            let results = s.ack_many(&scope, acks)?;
-            for job in results.iter().filter_map(|r| r.as_ref().ok()) {
-                crate::flow::observe_blocking(&obs, s, job, crate::flow::Outcome::Succeeded);
-            }
-            Ok(results)
-        })
-        .await?;
+    let results = st.blocking(move |s| s.ack_many(&scope, acks)).await?;
+    let done: Vec<&orch_core::Job> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    crate::flow::observe(&st, &done, crate::flow::Outcome::Succeeded).await;
     let results: Vec<(JobId, Result<orch_core::Job, orch_store::StoreError>)> = ids.into_iter().zip(results).collect();
     let items = results
         .into_iter()
@@ -543,16 +530,9 @@ pub async fn fail(
         retryable: body.retryable,
         retry_after_ms: body.retry_after_seconds.map(|s| s.saturating_mul(1000)),
     };
-    let (class, message, retry_after_ms) = (f.class.clone(), f.message.clone(), f.retry_after_ms);
-    let obs = crate::flow::Observer::of(&st);
-    let job = st
-        .blocking(move |s| {
-            let job = s.fail(&scope, id, f)?;
-            let outcome = crate::flow::Outcome::Failed { class: &class, message: &message, retry_after_ms };
-            crate::flow::observe_blocking(&obs, s, &job, outcome);
-            Ok(job)
-        })
-        .await?;
+    let outcome = crate::flow::Outcome::failed(&f);
+    let job = st.call(move |s| s.fail(&scope, id, f.clone())).await?;
+    crate::flow::observe(&st, &[&job], outcome).await;
     Ok(Json(JobOut { job }))
 }
 
