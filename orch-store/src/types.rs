@@ -426,7 +426,9 @@ pub trait ClaimGate {
     /// Whether `job` may be leased now (and, if so, the gate counts it as leased).
     fn admit(&mut self, job: &Job) -> Result<(), Exclusion>;
 
-    /// Throttle records to append in the claim's transaction.
+    /// Called once, after the last [`ClaimGate::admit`]: the throttle records to append in the
+    /// claim's transaction. The gate is done with from here on (though the claim may still
+    /// wait for its commit), and may let go of what it holds.
     fn records(&mut self) -> Vec<orch_core::throttle::ThrottleRecord> {
         Vec::new()
     }

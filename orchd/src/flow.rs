@@ -9,6 +9,7 @@
 //! and closes the breakers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
 
 use orch_core::failure::{classify, Cluster};
 use orch_core::flow::{Blackout, Breaker, BreakerConfig, BreakerState, BucketConfig, TokenBucket, Transition};
@@ -462,11 +463,6 @@ impl FlowControl {
         self.settings.reload_ms
     }
 
-    /// A gate for one claim at `now`.
-    pub fn gate(&mut self, now: Timestamp) -> Gate<'_> {
-        Gate { flow: self, now, running: HashMap::new(), records: Vec::new() }
-    }
-
     /// Takes in what a worker reported: upstream throttling lowers the host's refill, success
     /// restores it, and the host's breaker counts the outcome.
     pub fn observe(&mut self, job: &Job, outcome: &Outcome, now: Timestamp) {
@@ -648,14 +644,47 @@ fn breaker_record(tenant: &str, host: &str, t: &Transition) -> ThrottleRecord {
 
 /// The gate of one claim.
 pub struct Gate<'a> {
-    flow: &'a mut FlowControl,
+    flow: Held<'a>,
     now: Timestamp,
     /// Running jobs by (tenant, what) — queue, source, or the tenant as a whole.
     running: HashMap<(String, Target), u64>,
     records: Vec<ThrottleRecord>,
 }
 
-impl Gate<'_> {
+/// The flow lock as a claim's gate holds it: taken the first time the gate is asked anything,
+/// which is inside the claim's transaction, and let go when the claim asks for its records,
+/// last. A claim then holds it only while it runs with the ledger's writer, never while it
+/// waits for the writer or for its group's commit: the async side takes the same lock (to count
+/// queues for backpressure, for metrics) and must not wait behind an import or another
+/// process's lock on the ledger, and the next claim of a group needs it.
+struct Held<'a> {
+    mutex: &'a Mutex<FlowControl>,
+    guard: std::cell::OnceCell<MutexGuard<'a, FlowControl>>,
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = FlowControl;
+
+    fn deref(&self) -> &FlowControl {
+        self.guard.get_or_init(|| lock(self.mutex))
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut FlowControl {
+        let mutex = self.mutex;
+        let _ = self.guard.get_or_init(|| lock(mutex));
+        self.guard.get_mut().expect("the lock was just taken")
+    }
+}
+
+impl<'a> Gate<'a> {
+    /// A gate for one claim at `now`, on `flow`, or on the lock already taken (`held`).
+    pub fn new(flow: &'a Mutex<FlowControl>, held: Option<MutexGuard<'a, FlowControl>>, now: Timestamp) -> Gate<'a> {
+        let guard = held.map(std::cell::OnceCell::from).unwrap_or_default();
+        Gate { flow: Held { mutex: flow, guard }, now, running: HashMap::new(), records: Vec::new() }
+    }
+
     fn deny(&mut self, key: &BucketKey, wait_ms: u64) {
         *self.flow.refused.entry(key.clone()).or_default() += 1;
         let every = self.flow.settings.denial_record_ms as i64;
@@ -805,6 +834,9 @@ impl ClaimGate for Gate<'_> {
     fn records(&mut self) -> Vec<ThrottleRecord> {
         let mut out = std::mem::take(&mut self.flow.pending);
         out.append(&mut self.records);
+        // The claim is done with the gate, but may still wait for its group to commit, and
+        // another claim of that group needs the lock.
+        self.flow.guard.take();
         out
     }
 }
@@ -814,13 +846,15 @@ pub(crate) fn lock(flow: &std::sync::Mutex<FlowControl>) -> std::sync::MutexGuar
 }
 
 /// Claims through the daemon's flow control. The flow lock is held through the claim's
-/// transaction: the gate's counts are the ledger's.
+/// transaction, so the gate's counts are the ledger's; on the blocking pool it is taken only
+/// once the transaction has begun.
 pub async fn claim(st: &AppState, req: ClaimRequest) -> Result<Vec<Allocation>, StoreError> {
     let (flow, clock) = (st.flow.clone(), st.clock.clone());
     let single = req.limit <= 1;
     let claim = move |s: &dyn Store| {
-        let mut flow = orch_store::wait::lock(&flow)?;
-        let mut gate = flow.gate(clock.now());
+        // In place the lock is taken now, if it is free (see `Held` for the pool).
+        let held = if orch_store::wait::allowed() { None } else { Some(orch_store::wait::lock(&flow)?) };
+        let mut gate = Gate::new(&flow, held, clock.now());
         s.claim_gated(&req, &mut gate)
     };
     if single {

@@ -191,6 +191,18 @@ fn while_another_process_holds_the_write_lock_writes_wait_and_the_control_plane_
     let c = Client::new(&daemon.url, Some(&tok));
     let other = rusqlite::Connection::open(&db).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Workers' claims wait for the lock too; none of them may hold up the requests that follow
+    // (an enqueue counts the queue under the flow-control lock that a claim takes).
+    let claims = 4;
+    let (claimed_tx, claimed_rx) = mpsc::channel();
+    for w in 0..claims {
+        let (c, claimed) = (c.clone(), claimed_tx.clone());
+        std::thread::spawn(move || {
+            let r = c.post("/api/v1/claims", &json!({"worker_id": format!("w{w}"), "queues": ["q"], "limit": 1}));
+            let _ = claimed.send((r.status, r.json));
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
     // Far more waiting writes than the daemon has async threads: none of them may hold one.
     let writes: u64 = 64;
     let (done_tx, done_rx) = mpsc::channel();
@@ -205,19 +217,26 @@ fn while_another_process_holds_the_write_lock_writes_wait_and_the_control_plane_
     let (answer_tx, answer_rx) = mpsc::channel();
     let reader = c.clone();
     std::thread::spawn(move || {
-        let _ = answer_tx.send((reader.get("/healthz").status, reader.get("/api/v1/stats").status));
+        let statuses = ["/healthz", "/api/v1/stats", "/metrics"].map(|path| reader.get(path).status);
+        let _ = answer_tx.send(statuses);
     });
     let answered = answer_rx.recv_timeout(Duration::from_secs(5));
-    let early = done_rx.try_recv().ok();
+    let early = (done_rx.try_recv().ok(), claimed_rx.try_recv().ok());
     other.execute_batch("COMMIT").unwrap();
-    assert_eq!(answered, Ok((200, 200)), "health and reads answer while writes wait for the lock");
-    assert_eq!(early, None, "no write returned while the lock was held");
+    assert_eq!(answered, Ok([200; 3]), "health, reads and metrics answer while writes wait for the lock");
+    assert_eq!(early, (None, None), "no write returned while the lock was held");
+    for _ in 0..claims {
+        let (status, body) = claimed_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        assert_eq!(status, 200, "each claim went through once the lock was released: {body}");
+    }
     for _ in 0..writes {
         let (status, body) = done_rx.recv_timeout(Duration::from_secs(60)).unwrap();
         assert_eq!(status, 201, "each write went through once the lock was released: {body}");
     }
     let stats = c.get("/api/v1/stats");
-    assert_eq!(stats.json["jobs"]["queued"].as_u64(), Some(writes), "{:?}", stats.json);
+    let jobs = &stats.json["jobs"];
+    let (queued, running) = (jobs["queued"].as_u64().unwrap_or(0), jobs["running"].as_u64().unwrap_or(0));
+    assert_eq!(queued + running, writes, "every enqueued job is there: {:?}", stats.json);
     daemon.stop();
     let (code, out, err) = run("orchd", &["check", "--db", db.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
