@@ -845,9 +845,9 @@ pub(crate) fn lock(flow: &std::sync::Mutex<FlowControl>) -> std::sync::MutexGuar
     flow.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Claims through the daemon's flow control. The flow lock is held through the claim's
-/// transaction, so the gate's counts are the ledger's; on the blocking pool it is taken only
-/// once the transaction has begun.
+/// Claims through the daemon's flow control. The claim holds the flow lock while it runs in its
+/// transaction, so the gate's counts are the ledger's; on the blocking pool it takes the lock
+/// only once the transaction has begun (see `Held`).
 pub async fn claim(st: &AppState, req: ClaimRequest) -> Result<Vec<Allocation>, StoreError> {
     let (flow, clock) = (st.flow.clone(), st.clock.clone());
     let single = req.limit <= 1;
@@ -865,8 +865,8 @@ pub async fn claim(st: &AppState, req: ClaimRequest) -> Result<Vec<Allocation>, 
 }
 
 /// Feeds workers' reports on `jobs` to flow control and writes the records it made. In place if
-/// the flow lock is free; a claim holds it through its transaction, so if it is not, on the
-/// blocking pool, where waiting for it holds up no request but this one.
+/// the flow lock is free; if a claim holds it, on the blocking pool, where waiting for it holds
+/// up no request but this one.
 pub async fn observe(st: &AppState, jobs: &[&Job], outcome: Outcome) {
     fn feed(flow: &mut FlowControl, now: Timestamp, jobs: &[&Job], outcome: &Outcome) -> Vec<ThrottleRecord> {
         for job in jobs {
