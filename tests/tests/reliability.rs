@@ -2,9 +2,8 @@
 //! loses nothing, and recovers when space is freed; an immutable ledger file stops the daemon
 //! before it starts; a ledger file damaged on disk is reported, not crashed on; while another
 //! process holds the ledger's write lock, writes wait for it and everything else answers. The
-//! first two
-//! need a tmpfs mount and `chattr` (root with the capabilities); where they are not available
-//! the test says so and skips, unless `ORCH_REQUIRE_MOUNT` is set.
+//! first two need a tmpfs mount and `chattr` (root with the capabilities); where they are not
+//! available the test says so and skips, unless `ORCH_REQUIRE_MOUNT` is set.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
