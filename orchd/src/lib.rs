@@ -104,19 +104,19 @@ impl AppState {
         leads
     }
 
-    /// Runs a short store call (a worker's claim, ack, fail, heartbeat or enqueue of one job) in
-    /// place on this async thread if it can run without waiting for anything (see
-    /// [`orch_store::wait`]), and on the blocking pool if not. The hop to the pool and back costs
-    /// about as much as such a call itself; waiting in place, for a lock another call holds,
-    /// could stop the control plane. `f` may run twice: in place, failing before it writes
-    /// anything, then on the pool. A batch stays on the pool ([`AppState::blocking`]): its own
-    /// work dwarfs the hop, and in place it would hold an async thread for milliseconds.
+    /// Runs a short store call (a worker's claim, ack without artifacts, fail, heartbeat or
+    /// enqueue of one job) in place on this async thread if it can run without waiting for
+    /// anything (see [`orch_store::wait`]), and on the blocking pool if not. The hop to the pool
+    /// and back costs about as much as such a call itself; waiting in place, for a lock another
+    /// call holds, could stop the control plane. `f` may run twice: in place, failing before it
+    /// writes anything, then on the pool. A batch stays on the pool ([`AppState::blocking`]): its
+    /// own work dwarfs the hop, and in place it would hold an async thread for milliseconds.
     pub async fn call<T: Send + 'static>(
         &self,
         f: impl Fn(&dyn Store) -> Result<T, orch_store::StoreError> + Send + 'static,
     ) -> Result<T, orch_store::StoreError> {
         match orch_store::wait::without_waiting(|| f(&*self.store)) {
-            Err(orch_store::StoreError::WouldWait) => self.blocking(move |s| f(s)).await,
+            Err(orch_store::StoreError::WouldWait) => self.blocking(f).await,
             done => done,
         }
     }
