@@ -57,9 +57,7 @@ fn set_rate_limit(state: &AppState) {
         reason: Some("demo: NVD asks for a few requests per second".into()),
         ticket: None,
     };
-    if let Err(e) =
-        state.store.put_setting("demo", change).and_then(|_| crate::flow::lock(&state.flow).reload(&*state.store))
-    {
+    if let Err(e) = state.store.put_setting("demo", change).and_then(|_| crate::flow::reload_now(state)) {
         tracing::error!(error = %e, "could not set the demo rate limit");
     }
 }

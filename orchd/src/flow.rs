@@ -396,11 +396,11 @@ impl FlowControl {
     /// Flow control with the rules in `store`.
     pub fn load(settings: FlowSettings, store: &dyn Store) -> Result<FlowControl, StoreError> {
         let mut flow = FlowControl::empty(settings);
-        flow.reload(store)?;
+        flow.rules = Rules::load(store)?;
         Ok(flow)
     }
 
-    /// Flow control with no rules (until [`FlowControl::reload`]).
+    /// Flow control with no rules (until [`reload`]).
     pub fn empty(settings: FlowSettings) -> FlowControl {
         FlowControl {
             settings,
@@ -414,12 +414,6 @@ impl FlowControl {
             throttled_since: HashMap::new(),
             refused: HashMap::new(),
         }
-    }
-
-    /// Re-reads the rules (buckets keep their levels; a changed configuration applies now).
-    pub fn reload(&mut self, store: &dyn Store) -> Result<(), StoreError> {
-        self.rules = Rules::load(store)?;
-        Ok(())
     }
 
     /// The bucket for `key` as configured at `now`, created full; `None` when no rate limit
@@ -899,10 +893,25 @@ pub async fn observe(st: &AppState, jobs: &[&Job], outcome: Outcome) {
     }
 }
 
-/// Re-reads the rules after a change.
+/// Re-reads the rules after a change, on the blocking pool (see [`reload_now`]).
 pub async fn reload(st: &AppState) -> Result<(), StoreError> {
-    let flow = st.flow.clone();
-    st.blocking(move |s| lock(&flow).reload(s)).await
+    let st = st.clone();
+    match tokio::task::spawn_blocking(move || reload_now(&st)).await {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Re-reads the rules after a change: buckets keep their levels, and a changed configuration
+/// applies now. The read waits for the store (on PostgreSQL, for the
+/// server) without holding the flow-control lock, which enqueues take to count their queue and
+/// `/metrics` to read the gauges; only the swap is done under it. Reloads take turns, so the
+/// rules of an earlier read never replace those of a later one.
+pub fn reload_now(st: &AppState) -> Result<(), StoreError> {
+    let _turn = st.flow_reloads.lock().unwrap_or_else(|p| p.into_inner());
+    let rules = Rules::load(&*st.store)?;
+    lock(&st.flow).rules = rules;
+    Ok(())
 }
 
 /// A read-only look at the flow state of a scope.

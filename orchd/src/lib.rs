@@ -38,6 +38,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Flow-control rules and live state (buckets, breakers).
     pub flow: Arc<std::sync::Mutex<flow::FlowControl>>,
+    /// Taken by a re-read of the flow-control rules, so that re-reads take turns.
+    flow_reloads: Arc<std::sync::Mutex<()>>,
     /// API tokens already read, while the ledger says none changed.
     pub tokens: Arc<http::auth::TokenCache>,
     ready: Arc<AtomicBool>,
@@ -57,6 +59,7 @@ impl AppState {
         });
         AppState {
             flow: Arc::new(std::sync::Mutex::new(flow)),
+            flow_reloads: Arc::default(),
             tokens: Arc::default(),
             store,
             clock,

@@ -1,6 +1,7 @@
 //! orchd on PostgreSQL, through the binaries: several daemons share one database without
 //! double work and elect one to run the site's services; a SQLite ledger moved to PostgreSQL
-//! exports the very same bundle bytes.
+//! exports the very same bundle bytes; a re-read of the rules that waits for the server holds up
+//! no other request.
 //!
 //! Uses `ORCH_TEST_POSTGRES` (default: `host=127.0.0.1 user=postgres dbname=test`), each test in
 //! a schema of its own. Where no server answers, each test prints SKIP and passes, unless
@@ -269,4 +270,52 @@ fn commands_and_errors_on_a_postgres_ledger() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
+}
+
+/// Re-reading the flow-control rules waits for the server, but not while holding flow control:
+/// while another session locks the table the rules are read from, `/metrics` and enqueues (which
+/// count the queue under the flow-control lock) still answer. Once the lock is gone, a rule
+/// changed meanwhile takes effect.
+#[test]
+fn a_rules_read_that_waits_for_the_server_holds_up_neither_metrics_nor_enqueues() {
+    use std::sync::mpsc;
+    let Some(schema) = Schema::new() else { return };
+    let url = schema.url();
+    let token = orch_e2e::token(Path::new(&url), "acme", "orch:work,orch:read,orch:quota");
+    let d = Daemon::start_env(Path::new(&url), &[], &[("ORCHD_FLOW__RELOAD_MS", "50")]);
+    let api = orch_e2e::api::Client::new(&d.url, Some(&token));
+    assert_eq!(api.post("/api/v1/jobs", &json!({"queue": "q", "payload": {}})).status, 201);
+
+    let mut holder = schema.client();
+    let mut tx = holder.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE sources IN ACCESS EXCLUSIVE MODE").unwrap();
+    let mut watcher = schema.client();
+    wait_for("a rules read waits for the lock", Duration::from_secs(10), || {
+        let waiting: i64 = watcher
+            .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'sources'::regclass", &[])
+            .unwrap()
+            .get(0);
+        waiting > 0
+    });
+    let (answer_tx, answer_rx) = mpsc::channel();
+    let client = api.clone();
+    std::thread::spawn(move || {
+        let metrics = client.get("/metrics").status;
+        let enqueued = client.post("/api/v1/jobs", &json!({"queue": "q", "payload": {}})).status;
+        let _ = answer_tx.send((metrics, enqueued));
+    });
+    let answered = answer_rx.recv_timeout(Duration::from_secs(5));
+    // A quota set meanwhile is written, and applied once its own re-read gets through.
+    let (quota_tx, quota_rx) = mpsc::channel();
+    let client = api.clone();
+    std::thread::spawn(move || {
+        let body = json!({"max_queued": 2, "reason": "upstream asked", "ticket": "CHG-1"});
+        let _ = quota_tx.send(client.put("/api/v1/quotas/q", &body).status);
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    tx.rollback().unwrap();
+    assert_eq!(answered, Ok((200, 201)), "metrics and enqueues answer while the rules read waits");
+    assert_eq!(quota_rx.recv_timeout(Duration::from_secs(10)), Ok(200));
+    let r = api.post("/api/v1/jobs", &json!({"queue": "q", "payload": {}}));
+    assert_eq!(r.status, 429, "the quota applies: {}", r.json);
 }
