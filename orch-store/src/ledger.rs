@@ -266,13 +266,12 @@ impl<'t, T: Tx> Writer<'t, T> {
     pub fn claim(&mut self, req: &ClaimRequest, gate: &mut dyn ClaimGate) -> Result<Vec<Allocation>, StoreError> {
         let limit = req.limit.min(10_000);
         let lease_ms = self.lease_ms(req.lease_ms)?;
-        let running = if gate.wants_running() {
-            // Counted under the ledger lock, so that limits hold across processes.
-            self.tx.lock_ledger()?;
-            self.tx.running_counts()?
-        } else {
-            Vec::new()
-        };
+        // The ledger lock before the gate's first question: running jobs are counted under it,
+        // so that limits hold across processes, and a gate may hold its caller's own lock from
+        // that question on (orchd's flow control), which must not wait here for another
+        // process's write.
+        self.tx.lock_ledger()?;
+        let running = if gate.wants_running() { self.tx.running_counts()? } else { Vec::new() };
         let mut excluded: BTreeSet<Exclusion> = gate.begin(self.now, &running).into_iter().collect();
         let expires = self.now.plus_millis(lease_ms as i64);
         let mut out = Vec::with_capacity(limit.min(1024));

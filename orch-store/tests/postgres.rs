@@ -131,6 +131,53 @@ fn stores_on_one_database_never_claim_a_job_twice() {
     assert_eq!(report.events, 1200, "enqueue, claim and ack of each job, in one gap-free history");
 }
 
+/// A claim holds the ledger lock before its gate is first asked anything: orchd's gate holds
+/// the daemon's flow-control lock from its first question on, and must not hold it while the
+/// claim waits for another process's write. So another store's write, started while the gate
+/// is asked, waits for the claim to commit.
+#[test]
+fn a_claim_takes_the_ledger_lock_before_it_asks_its_gate() {
+    require_postgres!();
+    struct Gate {
+        other: Arc<PgStore>,
+        write: Option<std::thread::JoinHandle<()>>,
+        done: Arc<std::sync::atomic::AtomicBool>,
+        done_while_asked: Option<bool>,
+    }
+    impl orch_store::ClaimGate for Gate {
+        fn wants_running(&self) -> bool {
+            false
+        }
+        fn begin(&mut self, _: orch_core::Timestamp, _: &[orch_store::RunningCount]) -> Vec<orch_store::Exclusion> {
+            let (other, done) = (self.other.clone(), self.done.clone());
+            self.write = Some(std::thread::spawn(move || {
+                other.enqueue("test", vec![NewJob::new("acme", "p", "later", json!({}))]).unwrap();
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            }));
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            self.done_while_asked = Some(self.done.load(std::sync::atomic::Ordering::SeqCst));
+            Vec::new()
+        }
+        fn admit(&mut self, _: &orch_core::Job) -> Result<(), orch_store::Exclusion> {
+            Ok(())
+        }
+    }
+    let schema = Schema::new();
+    let open = || Arc::new(PgStore::open(&schema.url(), clock(), StoreOptions::default()).unwrap());
+    let (claimer, other) = (open(), open());
+    claimer.enqueue("test", vec![NewJob::new("acme", "p", "q", json!({}))]).unwrap();
+    let mut gate = Gate { other, write: None, done: Arc::default(), done_while_asked: None };
+    let req =
+        ClaimRequest { scope: Scope::All, queues: vec!["q".into()], worker: "w".into(), limit: 1, lease_ms: None };
+    let got = claimer.claim_gated(&req, &mut gate).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(gate.done_while_asked, Some(false), "another store's write waited for the claim's ledger lock");
+    gate.write.take().unwrap().join().unwrap();
+    let report = orch_store::check_ledger(&*claimer).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.events, 3);
+}
+
 #[test]
 fn one_store_leads_and_another_takes_over_when_it_goes() {
     require_postgres!();
