@@ -903,10 +903,10 @@ pub async fn reload(st: &AppState) -> Result<(), StoreError> {
 }
 
 /// Re-reads the rules after a change: buckets keep their levels, and a changed configuration
-/// applies now. The read waits for the store (on PostgreSQL, for the
-/// server) without holding the flow-control lock, which enqueues take to count their queue and
-/// `/metrics` to read the gauges; only the swap is done under it. Reloads take turns, so the
-/// rules of an earlier read never replace those of a later one.
+/// applies now. The read waits for the store (on PostgreSQL, for the server) without holding
+/// the flow-control lock, which enqueues take to count their queue and `/metrics` to read the
+/// gauges; only the swap is done under it. Re-reads take turns, so the rules of an earlier
+/// read never replace those of a later one.
 pub fn reload_now(st: &AppState) -> Result<(), StoreError> {
     let _turn = st.flow_reloads.lock().unwrap_or_else(|p| p.into_inner());
     let rules = Rules::load(&*st.store)?;
