@@ -875,14 +875,11 @@ pub async fn observe(st: &AppState, jobs: &[&Job], outcome: Outcome) {
         Ok(records) => records,
         Err(_) => {
             let (flow, owned) = (st.flow.clone(), jobs.iter().map(|&j| j.clone()).collect::<Vec<Job>>());
-            let fed = tokio::task::spawn_blocking(move || {
+            crate::off_thread(move || {
                 let jobs: Vec<&Job> = owned.iter().collect();
                 feed(&mut lock(&flow), now, &jobs, &outcome)
-            });
-            match fed.await {
-                Ok(records) => records,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            }
+            })
+            .await
         }
     };
     if records.is_empty() {
@@ -896,10 +893,7 @@ pub async fn observe(st: &AppState, jobs: &[&Job], outcome: Outcome) {
 /// Re-reads the rules after a change, on the blocking pool (see [`reload_now`]).
 pub async fn reload(st: &AppState) -> Result<(), StoreError> {
     let st = st.clone();
-    match tokio::task::spawn_blocking(move || reload_now(&st)).await {
-        Ok(r) => r,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
+    crate::off_thread(move || reload_now(&st)).await
 }
 
 /// Re-reads the rules after a change: buckets keep their levels, and a changed configuration

@@ -130,10 +130,15 @@ impl AppState {
         f: impl FnOnce(&dyn Store) -> Result<T, orch_store::StoreError> + Send + 'static,
     ) -> Result<T, orch_store::StoreError> {
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || f(&*store)).await {
-            Ok(r) => r,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
+        off_thread(move || f(&*store)).await
+    }
+}
+
+/// Runs `f` on the blocking pool and returns what it returns; a panic in `f` is resumed here.
+pub async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 
